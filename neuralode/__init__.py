@@ -1,0 +1,26 @@
+"""neuralode: neural ordinary differential equations in JAX."""
+
+import importlib.metadata
+
+from ._adjoint import (
+    AbstractAdjoint as AbstractAdjoint,
+    BacksolveAdjoint as BacksolveAdjoint,
+    ForwardMode as ForwardMode,
+)
+from ._controller import PIController as PIController
+from ._failure import SolveError as SolveError
+from ._solution import RESULTS as RESULTS, Solution as Solution
+from ._solve import odeint as odeint, solve as solve
+from ._solvers import (
+    RK4 as RK4,
+    AbstractSolver as AbstractSolver,
+    Bosh3 as Bosh3,
+    Dopri5 as Dopri5,
+    Euler as Euler,
+    Fehlberg45 as Fehlberg45,
+    Midpoint as Midpoint,
+    Tsit5 as Tsit5,
+)
+from ._tableaus import ButcherTableau as ButcherTableau
+
+__version__ = importlib.metadata.version("neuralode")

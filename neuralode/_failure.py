@@ -1,0 +1,135 @@
+"""Raising a failed solve's status at run time, with the time it reached.
+
+The loop carries a result code; this check runs once, after the loop, on a few
+scalars, so it never sits inside the loop where a host callback would force the
+compiler to gather sharded state.
+"""
+
+from __future__ import annotations
+
+import functools as ft
+
+import jax
+import numpy as np
+
+from ._integrate import LoopStats
+from ._solution import RESULTS
+
+# Past h·|λ| ≈ 3.3 Dopri5 and Tsit5 leave their stability region on the negative
+# real axis; a solve held there step after step is limited by stability, not by
+# accuracy (Hairer & Wanner, Solving ODEs II, IV.2).
+_STIFF_H_LAMBDA = 2.5
+_STIFF_ADVICE = (
+    "The problem looks stiff: explicit Runge-Kutta methods must keep h·|λ| inside "
+    "their small stability region, so the step size collapsed. Use an implicit "
+    "solver (e.g. diffrax.Kvaerno5 or scipy's Radau/LSODA), rescale the problem, "
+    "or, if the stiffness is a transient, raise max_steps."
+)
+
+
+class SolveError(RuntimeError):
+    """A solve failed (max_steps, step-size underflow or non-finite values)."""
+
+
+def failure_message(
+    code: int,
+    t_reached: float,
+    t0: float,
+    t1: float,
+    h_last: float,
+    stiffness: float,
+    num_steps: int,
+    num_accepted: int,
+    max_steps: int,
+    solver_name: str,
+    phase: str = "",
+) -> str:
+    """The message of a failed solve: what happened, where, and what to do."""
+    where = f"at t={t_reached:.6g} before t1={t1:.6g}"
+    if phase:
+        where += f" in the {phase}"
+    counts = (
+        f"{num_steps} steps ({num_accepted} accepted, {num_steps - num_accepted} "
+        f"rejected), last step size {abs(h_last):.3g}"
+    )
+    if code == RESULTS.max_steps_reached:
+        head = f"neuralode: max_steps={max_steps} reached {where}"
+    elif code == RESULTS.dt_underflow:
+        head = f"neuralode: step size underflow {where}"
+    elif code == RESULTS.nonfinite:
+        head = (
+            f"neuralode: non-finite values (NaN/inf) in the state or vector field "
+            f"{where}; the step size shrank to {abs(h_last):.3g} without a finite step"
+        )
+    else:
+        head = f"neuralode: solve failed with {RESULTS.message(code)} {where}"
+    msg = f"{head} [{solver_name}, {counts}]."
+    span = abs(t1 - t0)
+    collapsed = abs(h_last) < 1e-4 * span
+    if code in (RESULTS.max_steps_reached, RESULTS.dt_underflow):
+        if np.isfinite(stiffness) and stiffness >= _STIFF_H_LAMBDA:
+            msg += (
+                f" The step size had collapsed to {abs(h_last):.3g} on an interval of "
+                f"{span:.3g} with h·|λ| ≈ {stiffness:.2g} at the last step. "
+                + _STIFF_ADVICE
+            )
+        elif collapsed:
+            msg += (
+                f" The step size had collapsed to {abs(h_last):.3g}, far below the "
+                f"interval length {span:.3g}: the problem may be stiff or have a "
+                "singularity near this time. " + _STIFF_ADVICE
+            )
+        elif code == RESULTS.max_steps_reached:
+            msg += " Raise max_steps, or loosen rtol/atol."
+    return msg
+
+
+def _raise_on_failure(result, t_reached, t0, t1, h_last, stiffness, num_steps,
+                      num_accepted, *, max_steps, solver_name, phase):  # fmt: skip
+    result = np.asarray(result)
+    failed = np.flatnonzero(result.reshape(-1) != RESULTS.successful)
+    if failed.size == 0:
+        return
+    i = failed[0]
+
+    def pick(x):
+        x = np.asarray(x)
+        return np.broadcast_to(x, result.shape).reshape(-1)[i].item()
+
+    message = failure_message(
+        pick(result), pick(t_reached), pick(t0), pick(t1), pick(h_last),
+        pick(stiffness), pick(num_steps), pick(num_accepted), max_steps, solver_name,
+        phase,
+    )  # fmt: skip
+    if failed.size > 1:
+        message += f" ({failed.size} of {result.size} batched solves failed.)"
+    raise SolveError(message)
+
+
+def raise_if_failed(
+    stats: LoopStats,
+    direction,
+    t0,
+    t1,
+    max_steps: int,
+    solver_name: str,
+    phase: str = "",
+) -> None:
+    """Raise `SolveError` at run time (under jit too) if the solve failed.
+
+    `direction` maps the loop's time back to the user's (t = direction · τ).
+    """
+    raise_ = ft.partial(
+        _raise_on_failure, max_steps=max_steps, solver_name=solver_name, phase=phase
+    )
+    jax.debug.callback(
+        raise_,
+        stats.result,
+        direction * stats.t_reached,
+        t0,
+        t1,
+        stats.h_last,
+        stats.stiffness,
+        stats.num_steps,
+        stats.num_accepted,
+    )

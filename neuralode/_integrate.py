@@ -1,0 +1,273 @@
+"""The adaptive integration loop: a pure function on `lax.while_loop`.
+
+One loop iteration is one trial step. The state is a flat vector, time runs
+forwards (τ, see `_problem`), and outputs are written by a short inner loop over
+the output times that the accepted step covers, from the step's interpolant.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import equinox as eqx
+import jax.lax as lax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+from . import _interpolation as interp
+from ._controller import Norm, PIController, error_scale, initial_step
+from ._solution import RESULTS
+from ._solvers import AbstractSolver
+
+FlatField = Callable[[Array, Array], Array]
+
+
+class SolverConfig(eqx.Module):
+    """Everything static about a solve: method, control and limits."""
+
+    solver: AbstractSolver
+    controller: PIController
+    rtol: float = eqx.field(static=True)
+    atol: float = eqx.field(static=True)
+    dt0: float | None = eqx.field(static=True)
+    max_steps: int = eqx.field(static=True)
+
+
+class Attempt(NamedTuple):
+    """The outcome of one trial step and the controller's verdict."""
+
+    t_new: Array
+    h: Array
+    y1: Array
+    f1: Array
+    dense: Array
+    accept: Bool[Array, ""]
+    finite: Bool[Array, ""]
+    err: Array
+    h_next: Array
+    stiffness: Array
+
+
+def attempt_step(
+    config: SolverConfig,
+    f: FlatField,
+    norm: Norm,
+    t: Array,
+    y: Array,
+    f0: Array,
+    h_proposed: Array,
+    t_target: Array,
+    err_prev: Array,
+    rejected_last: Array,
+) -> Attempt:
+    """Try a step from t towards t_target, never past it.
+
+    A step that would stop within a few ULPs of t_target is stretched to land
+    exactly on it. Step-size decisions are made on `stop_gradient` values.
+    """
+    h_proposed = lax.stop_gradient(h_proposed)
+    t_sg = lax.stop_gradient(t)
+    t_target_sg = lax.stop_gradient(t_target)
+    t_try = t_sg + h_proposed
+    sliver = 16 * jnp.finfo(t.dtype).eps * jnp.maximum(jnp.abs(t_target_sg), jnp.abs(t_sg))
+    clipped = t_try >= t_target_sg - sliver
+    t_new = jnp.where(clipped, t_target_sg, t_try)
+    h = t_new - t_sg
+    solver = config.solver
+    step = solver.step(f, t, y, f0, h)
+    finite = jnp.isfinite(jnp.sum(jnp.real(step.y1)))
+    if solver.adaptive:
+        scale = error_scale(y, step.y1, config.rtol, config.atol)
+        err = lax.stop_gradient(norm(step.y_error / scale))
+        finite = finite & jnp.isfinite(err)
+        accept = finite & (err <= 1.0)
+        factor = config.controller.factor(err, err_prev, accept, solver.error_exponent)
+        h_next = h * factor.astype(h.dtype)
+        # A step shortened to hit t_target says little about the step size the
+        # solution allows; keep the earlier proposal unless the error grew.
+        h_next = jnp.where(
+            accept & clipped,
+            jnp.maximum(h_next, h_proposed * jnp.minimum(factor, 1.0).astype(h.dtype)),
+            h_next,
+        )
+        h_next = jnp.where(accept & rejected_last, jnp.minimum(h_next, h), h_next)
+    else:
+        err = jnp.zeros((), jnp.real(y).dtype)
+        accept = finite
+        h_next = jnp.full_like(h, config.dt0)
+    return Attempt(t_new, h, step.y1, step.f1, step.dense, accept, finite, err,
+                   h_next, step.stiffness)  # fmt: skip
+
+
+def underflowed(h_next: Array, t: Array) -> Array:
+    """Whether a step of h_next would no longer move t (or is below tiny)."""
+    tiny = jnp.finfo(t.dtype).tiny
+    return jnp.abs(h_next) <= jnp.maximum(4 * jnp.finfo(t.dtype).eps * jnp.abs(t), tiny)
+
+
+def failure_code(
+    attempt: Attempt, t_after: Array, t_end: Array, num_steps: Array, max_steps: int
+) -> Int[Array, ""]:
+    """The result code after a step: non-finite, underflow, max_steps or 0."""
+    code = jnp.where(
+        underflowed(attempt.h_next, t_after) & (t_after < t_end),
+        jnp.where(attempt.finite, RESULTS.dt_underflow, RESULTS.nonfinite),
+        RESULTS.successful,
+    )
+    code = jnp.where(
+        (code == RESULTS.successful) & (num_steps >= max_steps) & (t_after < t_end),
+        RESULTS.max_steps_reached,
+        code,
+    )
+    return code.astype(jnp.int32)
+
+
+class LoopStats(NamedTuple):
+    """Counters and diagnostics of a finished loop."""
+
+    num_steps: Int[Array, ""]
+    num_accepted: Int[Array, ""]
+    num_fevals: Int[Array, ""]
+    result: Int[Array, ""]
+    t_reached: Float[Array, ""]
+    h_last: Float[Array, ""]
+    stiffness: Float[Array, ""]
+
+
+class _ForwardState(NamedTuple):
+    t: Array
+    y: Array
+    f0: Array
+    h: Array
+    err_prev: Array
+    rejected_last: Array
+    out_index: Array
+    ys: Array
+    num_steps: Array
+    num_accepted: Array
+    result: Array
+    stiffness: Array
+
+
+def first_step(
+    config: SolverConfig, f: FlatField, norm: Norm, t0: Array, y0: Array, f0: Array,
+    t_span: Array,
+) -> tuple[Array, int]:  # fmt: skip
+    """The first step size and the number of f evaluations it cost."""
+    if config.dt0 is not None:
+        return jnp.asarray(config.dt0, t0.dtype), 0
+    h0 = initial_step(
+        f, t0, y0, f0, t_span, config.rtol, config.atol,
+        config.solver.error_exponent, norm,
+    )  # fmt: skip
+    return lax.stop_gradient(h0), 1
+
+
+def integrate(
+    config: SolverConfig,
+    f: FlatField,
+    norm: Norm,
+    y0: Array,
+    tau_out: Float[Array, " n_out"],
+    h0: Array | None = None,
+) -> tuple[Float[Array, "n_out n"], LoopStats]:
+    """Solve from tau_out[0] to tau_out[-1] (increasing), returning y at tau_out.
+
+    **Arguments:**
+
+    - `f`: the flat vector field f(τ, y).
+    - `norm`: the error norm of a scaled flat vector.
+    - `y0`: the flat initial state at tau_out[0].
+    - `tau_out`: increasing output times.
+    - `h0`: a first step size to use instead of the configured one.
+
+    **Returns:** `(ys, stats)` with `ys[i]` the state at `tau_out[i]`.
+    """
+    t0 = tau_out[0]
+    t_end = tau_out[-1]
+    n_out = tau_out.shape[0]
+    f0 = f(t0, y0)
+    if h0 is None:
+        h0, init_fevals = first_step(config, f, norm, t0, y0, f0, t_end - t0)
+    else:
+        init_fevals = 0
+    ys = jnp.zeros((n_out,) + y0.shape, y0.dtype).at[0].set(y0)
+    real = jnp.real(y0).dtype
+
+    def fill_outputs(state: _ForwardState, attempt: Attempt) -> tuple[Array, Array]:
+        """Write every output time in (t, t_new] from the step's interpolant."""
+
+        def cond(carry):
+            index, _ = carry
+            t_out = tau_out[jnp.minimum(index, n_out - 1)]
+            return attempt.accept & (index < n_out) & (t_out <= attempt.t_new)
+
+        def body(carry):
+            index, ys = carry
+            t_out = tau_out[index]
+            theta = ((t_out - state.t) / attempt.h).astype(real)
+            value = interp.evaluate(state.y, attempt.dense, theta)
+            value = jnp.where(t_out == attempt.t_new, attempt.y1, value)
+            return index + 1, lax.dynamic_update_index_in_dim(ys, value, index, 0)
+
+        return lax.while_loop(cond, body, (state.out_index, state.ys))
+
+    def cond(state: _ForwardState) -> Array:
+        return (state.t < t_end) & (state.result == RESULTS.successful)
+
+    def body(state: _ForwardState) -> _ForwardState:
+        attempt = attempt_step(
+            config, f, norm, state.t, state.y, state.f0, state.h, t_end,
+            state.err_prev, state.rejected_last,
+        )  # fmt: skip
+        out_index, ys = fill_outputs(state, attempt)
+        accept = attempt.accept
+        t = jnp.where(accept, attempt.t_new, state.t)
+        num_steps = state.num_steps + 1
+        return _ForwardState(
+            t=t,
+            y=jnp.where(accept, attempt.y1, state.y),
+            f0=jnp.where(accept, attempt.f1, state.f0),
+            h=attempt.h_next,
+            err_prev=jnp.where(accept, jnp.maximum(attempt.err, 1e-4), state.err_prev),
+            rejected_last=~accept,
+            out_index=out_index,
+            ys=ys,
+            num_steps=num_steps,
+            num_accepted=state.num_accepted + accept,
+            result=failure_code(attempt, t, t_end, num_steps, config.max_steps),
+            stiffness=jnp.where(accept, attempt.stiffness, state.stiffness),
+        )
+
+    zero = jnp.zeros((), jnp.int32)
+    init = _ForwardState(
+        t=t0,
+        y=y0,
+        f0=f0,
+        h=jnp.where(jnp.isfinite(h0), h0, 1e-6 * (t_end - t0)).astype(t0.dtype),
+        err_prev=jnp.ones((), real),
+        rejected_last=jnp.zeros((), bool),
+        out_index=jnp.ones((), jnp.int32),
+        ys=ys,
+        num_steps=zero,
+        num_accepted=zero,
+        result=zero,
+        stiffness=jnp.zeros((), real),
+    )
+    final = lax.while_loop(cond, body, init)
+    # Output times equal to t0 (the first, or all of a zero-length interval).
+    ys = jnp.where((tau_out == t0)[:, None], y0, final.ys)
+    stats = LoopStats(
+        num_steps=final.num_steps,
+        num_accepted=final.num_accepted,
+        num_fevals=(
+            1 + init_fevals + final.num_steps * config.solver.fevals_per_step
+        ).astype(jnp.int32),
+        result=final.result,
+        t_reached=final.t,
+        h_last=final.h,
+        stiffness=final.stiffness,
+    )
+    return ys, stats
+

@@ -1,0 +1,189 @@
+"""Turning a user's call into a flat, pure problem, with trace-time checks.
+
+The solver loop works on one flat vector y and a pure vector field
+``f_flat(τ, y, params)`` whose every traced input is explicit in ``params``:
+the user's `args`, the array leaves of an `equinox.Module` field, and any traced
+arrays the field closes over (found with `jax.closure_convert`). Time runs
+forwards inside the loop: τ = d·t with direction d = sign(t_last - t_first), and
+the field becomes d·f(d·τ, y, args).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+from jaxtyping import Array, PyTree
+
+from ._solvers import AbstractSolver
+
+
+class ODEProblem(eqx.Module):
+    """A flattened problem: `f_flat(τ, y_flat, params, direction) -> dy/dτ`.
+
+    `unravel` rebuilds the user's pytree from a flat vector.
+    """
+
+    field: Callable = eqx.field(static=True)
+    unravel: Callable = eqx.field(static=True)
+
+    def f_flat(self, tau: Array, y: Array, params: PyTree, direction: Array) -> Array:
+        field_arrays, args, consts = params
+        t = direction * tau
+        out = self.field(field_arrays, consts)(t, self.unravel(y), args)
+        flat, _ = ravel_pytree(out)
+        return (direction * flat).astype(y.dtype)
+
+
+def _describe(tree: PyTree) -> str:
+    leaves = jax.tree_util.tree_structure(tree)
+    shapes = [f"{jnp.result_type(x).name}{list(jnp.shape(x))}" for x in jax.tree.leaves(tree)]
+    return f"{leaves} with leaves {shapes}"
+
+
+def check_ts(ts: Any) -> Array:
+    """Validate the output times; returns them as a floating array."""
+    if not hasattr(ts, "shape"):
+        ts = np.asarray(ts)
+    if jnp.ndim(ts) != 1:
+        raise ValueError(
+            f"neuralode: ts must be a 1-D array of times, got shape {jnp.shape(ts)}"
+        )
+    if ts.shape[0] < 2:
+        raise ValueError(
+            "neuralode: ts needs at least 2 times (the initial time and one output "
+            f"time), got {ts.shape[0]}"
+        )
+    if not jnp.issubdtype(jnp.result_type(ts), jnp.floating):
+        if jnp.issubdtype(jnp.result_type(ts), jnp.complexfloating):
+            raise TypeError("neuralode: ts must be real, got complex times")
+        ts = jnp.asarray(ts, dtype=jnp.result_type(float))
+    if not isinstance(ts, jax.core.Tracer):
+        values = np.asarray(ts)
+        if not np.all(np.isfinite(values)):
+            raise ValueError(f"neuralode: ts must be finite, got {values}")
+        steps = np.diff(values)
+        if not (np.all(steps > 0) or np.all(steps < 0)):
+            bad = int(np.argmax(~((steps > 0) if steps[0] > 0 else (steps < 0))))
+            raise ValueError(
+                "neuralode: ts must be strictly increasing or strictly decreasing; "
+                f"ts[{bad}]={values[bad]} and ts[{bad + 1}]={values[bad + 1]} break "
+                "the order"
+            )
+    return jnp.asarray(ts)
+
+
+def check_y0(y0: PyTree) -> None:
+    leaves = jax.tree.leaves(y0)
+    if not leaves:
+        raise ValueError("neuralode: y0 has no array leaves")
+    for leaf in leaves:
+        dtype = jnp.result_type(leaf)
+        if not jnp.issubdtype(dtype, jnp.inexact):
+            raise TypeError(
+                f"neuralode: y0 must hold floating arrays, got a leaf of dtype "
+                f"{dtype.name} and shape {jnp.shape(leaf)}; convert it, e.g. "
+                "y0.astype(jnp.float32)"
+            )
+
+
+def check_tolerances(rtol: Any, atol: Any) -> tuple[float, float]:
+    values = []
+    for name, value in (("rtol", rtol), ("atol", atol)):
+        if isinstance(value, jax.core.Tracer):
+            raise TypeError(
+                f"neuralode: {name} must be a Python number, not a traced array"
+            )
+        value = float(value)
+        if not np.isfinite(value) or value < 0:
+            raise ValueError(f"neuralode: {name} must be >= 0 and finite, got {value}")
+        values.append(value)
+    if values[0] == 0 and values[1] == 0:
+        raise ValueError("neuralode: rtol and atol cannot both be zero")
+    return values[0], values[1]
+
+
+def check_steps(solver: AbstractSolver, dt0: Any, max_steps: Any) -> float | None:
+    if not isinstance(solver, AbstractSolver):
+        raise TypeError(
+            f"neuralode: solver must be a neuralode solver such as neuralode.Dopri5(), "
+            f"got {solver!r}"
+        )
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int | np.integer):
+        raise TypeError(f"neuralode: max_steps must be an int, got {max_steps!r}")
+    if max_steps < 1:
+        raise ValueError(f"neuralode: max_steps must be >= 1, got {max_steps}")
+    if dt0 is None:
+        if not solver.adaptive:
+            raise ValueError(
+                f"neuralode: {type(solver).__name__} is a fixed-step solver and needs "
+                "a step size: pass dt0=..., or use an adaptive solver such as Dopri5()"
+            )
+        return None
+    if isinstance(dt0, jax.core.Tracer):
+        raise TypeError("neuralode: dt0 must be a Python number, not a traced array")
+    dt0 = abs(float(dt0))
+    if not np.isfinite(dt0) or dt0 == 0:
+        raise ValueError(f"neuralode: dt0 must be nonzero and finite, got {dt0}")
+    return dt0
+
+
+def _split_field(f: Callable) -> tuple[PyTree, Callable]:
+    """Separate the array leaves of an equinox.Module field from its static rest."""
+    if isinstance(f, eqx.Module):
+        arrays, static = eqx.partition(f, eqx.is_array)
+        return arrays, lambda a: eqx.combine(a, static)
+    return None, lambda a: f
+
+
+def make_problem(
+    f: Callable, y0: PyTree, t0: Array, args: PyTree
+) -> tuple[ODEProblem, PyTree, Array]:
+    """Check the field's output against y0 and flatten everything.
+
+    **Returns:** `(problem, params, y0_flat)`.
+    """
+    check_y0(y0)
+    if not callable(f):
+        raise TypeError(f"neuralode: f must be callable as f(t, y, args), got {f!r}")
+    field_arrays, rebuild = _split_field(f)
+    y0_flat, unravel = ravel_pytree(y0)
+    t0 = jnp.asarray(t0)
+
+    def call(field_arrays, t, y, args):
+        return rebuild(field_arrays)(t, y, args)
+
+    try:
+        out_shape = jax.eval_shape(call, field_arrays, t0, y0, args)
+    except TypeError as e:
+        raise TypeError(
+            f"neuralode: calling f(t, y, args) failed: {e}. The vector field must "
+            "take three arguments (t, y, args)."
+        ) from e
+    expected = jax.eval_shape(lambda y: y, y0)
+    same_structure = jax.tree_util.tree_structure(out_shape) == (
+        jax.tree_util.tree_structure(expected)
+    )
+    if not same_structure or any(
+        (a.shape, a.dtype) != (b.shape, b.dtype)
+        for a, b in zip(jax.tree.leaves(out_shape), jax.tree.leaves(expected), strict=True)
+    ):
+        raise ValueError(
+            "neuralode: f(t, y, args) must return the same structure, shapes and "
+            f"dtypes as y0.\n  y0:        {_describe(expected)}\n"
+            f"  f returned: {_describe(out_shape)}"
+        )
+    # Hoist traced arrays that f closes over into explicit inputs, so that the
+    # custom_vjp adjoints can return their cotangents.
+    converted, consts = jax.closure_convert(call, field_arrays, t0, y0, args)
+
+    def field(field_arrays, consts):
+        return lambda t, y, args: converted(field_arrays, t, y, args, *consts)
+
+    problem = ODEProblem(field=field, unravel=unravel)
+    return problem, (field_arrays, args, list(consts)), y0_flat

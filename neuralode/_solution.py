@@ -1,0 +1,60 @@
+"""The result of a solve and its status codes."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import equinox as eqx
+from jaxtyping import Array, Int, PyTree, Real
+
+
+class _Results:
+    """Integer status codes carried by `Solution.result`.
+
+    `RESULTS.successful` is 0; every other code is a failure whose meaning is
+    `RESULTS.message(code)`.
+    """
+
+    successful: ClassVar[int] = 0
+    max_steps_reached: ClassVar[int] = 1
+    dt_underflow: ClassVar[int] = 2
+    nonfinite: ClassVar[int] = 3
+
+    _messages: ClassVar[dict[int, str]] = {
+        0: "successful",
+        1: "max_steps reached",
+        2: "step size underflow",
+        3: "non-finite values in the state or vector field",
+    }
+
+    def message(self, code: int) -> str:
+        return self._messages.get(int(code), f"unknown result code {int(code)}")
+
+    def __repr__(self) -> str:
+        codes = ", ".join(f"{k}={v}" for v, k in self._messages.items())
+        return f"RESULTS({codes})"
+
+
+RESULTS = _Results()
+
+
+class Solution(eqx.Module):
+    """What `neuralode.solve` returns.
+
+    **Fields:**
+
+    - `ts`: the output times, as given.
+    - `ys`: the solution at `ts`, a pytree like `y0` with a leading axis `len(ts)`.
+    - `stats`: integer arrays `num_steps` (accepted + rejected), `num_accepted`,
+      `num_rejected`, `num_fevals` (vector-field evaluations of the forward solve).
+    - `result`: 0 on success, else a code of `neuralode.RESULTS`.
+    """
+
+    ts: Real[Array, " times"]
+    ys: PyTree[Array]
+    stats: dict[str, Int[Array, ""]]
+    result: Int[Array, ""]
+
+    @property
+    def successful(self) -> Any:
+        return self.result == RESULTS.successful

@@ -1,0 +1,108 @@
+"""`solve` and `odeint`: the public entry points of the solver."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, PyTree
+
+from ._adjoint import AbstractAdjoint, BacksolveAdjoint
+from ._controller import PIController
+from ._failure import raise_if_failed
+from ._integrate import SolverConfig
+from ._problem import check_steps, check_tolerances, check_ts, make_problem
+from ._solution import Solution
+from ._solvers import AbstractSolver, Dopri5
+
+
+def solve(
+    f: Callable,
+    y0: PyTree[ArrayLike],
+    ts: ArrayLike,
+    args: PyTree = None,
+    *,
+    solver: AbstractSolver = Dopri5(),
+    rtol: float = 1e-6,
+    atol: float = 1e-8,
+    dt0: float | None = None,
+    max_steps: int = 4096,
+    adjoint: AbstractAdjoint = BacksolveAdjoint(),
+    controller: PIController = PIController(),
+    throw: bool = True,
+) -> Solution:
+    """Solve dy/dt = f(t, y, args) from ts[0] and return y at every time of ts.
+
+    The solver steps freely (adaptively for embedded pairs) and reads the values
+    at `ts` off its dense-output interpolant, so many output times cost no extra
+    steps. `ts` may decrease, which solves backwards in time.
+
+    **Arguments:**
+
+    - `f`: the vector field `f(t, y, args)`, returning a pytree like `y`: a
+      function, a closure over (traced) arrays, or an `equinox.Module` whose array
+      leaves are parameters. Gradients reach all three and `args`.
+    - `y0`: the initial state at `ts[0]`, any pytree of floating arrays.
+    - `ts`: a 1-D array of at least two strictly monotonic output times.
+    - `args`: passed to `f` unchanged.
+    - `solver`: an explicit Runge–Kutta method (`Dopri5()` by default).
+    - `rtol`, `atol`: tolerances of the weighted RMS error norm
+      `sqrt(mean((err / (atol + rtol·max(|y_n|, |y_{n+1}|)))²))`.
+    - `dt0`: the first step size; `None` chooses it automatically (Hairer's
+      algorithm). Fixed-step solvers use it for every step.
+    - `max_steps`: the most steps (accepted and rejected) before failing.
+    - `adjoint`: how reverse-mode derivatives are computed (`BacksolveAdjoint`,
+      `CheckpointAdjoint` or `ForwardMode`).
+    - `controller`: the step-size controller.
+    - `throw`: raise on failure (at run time, under `jit` too); with `False` the
+      failure is returned in `Solution.result`.
+
+    **Returns:** a `Solution` with `ts`, `ys` (leading axis `len(ts)`), `stats` and
+    `result`.
+    """
+    ts = check_ts(ts)
+    rtol, atol = check_tolerances(rtol, atol)
+    dt0 = check_steps(solver, dt0, max_steps)
+    if not isinstance(adjoint, AbstractAdjoint):
+        raise TypeError(
+            "neuralode: adjoint must be BacksolveAdjoint(), CheckpointAdjoint() or "
+            f"ForwardMode(), got {adjoint!r}"
+        )
+    if not isinstance(controller, PIController):
+        raise TypeError(f"neuralode: controller must be a PIController, got {controller!r}")
+    problem, params, y0_flat = make_problem(f, y0, ts[0], args)
+    time_dtype = jnp.result_type(ts.dtype, jnp.real(y0_flat).dtype)
+    ts = ts.astype(time_dtype)
+    config = SolverConfig(solver, controller, rtol, atol, dt0, int(max_steps))
+    ys_flat, stats = adjoint.loop(config, problem, params, y0_flat, ts)
+    if throw:
+        direction = jnp.sign(ts[-1] - ts[0])
+        raise_if_failed(stats, direction, ts[0], ts[-1], config.max_steps,
+                        type(solver).__name__)  # fmt: skip
+    ys = jax.vmap(problem.unravel)(ys_flat)
+    stats_dict = {
+        "num_steps": stats.num_steps,
+        "num_accepted": stats.num_accepted,
+        "num_rejected": stats.num_steps - stats.num_accepted,
+        "num_fevals": stats.num_fevals,
+    }
+    return Solution(ts=ts, ys=ys, stats=stats_dict, result=stats.result)
+
+
+def odeint(
+    f: Callable,
+    y0: PyTree[ArrayLike],
+    ts: ArrayLike,
+    args: PyTree = None,
+    **kwargs: Any,
+) -> PyTree[Array]:
+    """Solve dy/dt = f(t, y, args) and return only `ys`, raising on failure.
+
+    Takes the keywords of `solve` except `throw` (always on). `ys` has the pytree
+    structure of `y0` with a leading axis of `len(ts)`, and `ys[0]` equals `y0`.
+    """
+    if "throw" in kwargs:
+        raise TypeError("neuralode: odeint always raises on failure; use solve(throw=False)")
+    return solve(f, y0, ts, args, **kwargs).ys

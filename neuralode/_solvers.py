@@ -1,0 +1,193 @@
+"""Explicit Runge–Kutta solvers: one generic step driven by a Butcher tableau."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import ClassVar, NamedTuple
+
+import equinox as eqx
+import jax.numpy as jnp
+from jaxtyping import Array
+
+from . import _interpolation as interp
+from ._controller import rms_norm
+from . import _tableaus as tableaus
+from ._tableaus import ButcherTableau
+
+FlatField = Callable[[Array, Array], Array]
+
+
+class StepResult(NamedTuple):
+    """One trial step from (t, y) to (t + h, y1).
+
+    `y_error` is the local error estimate (zeros for fixed-step methods),
+    `f1` = f(t + h, y1), `dense` the interpolation coefficients (see
+    `_interpolation.evaluate`) and `stiffness` Hairer's estimate of h·|λ|
+    (NaN where the tableau has no such estimate).
+    """
+
+    y1: Array
+    y_error: Array
+    f1: Array
+    dense: Array
+    stiffness: Array
+
+
+def _combine(y: Array, h: Array, weights, stages: list[Array]) -> Array:
+    """y + h Σ_j w_j k_j, skipping zero weights so XLA fuses one expression."""
+    terms = [float(w) * k for w, k in zip(weights, stages, strict=False) if w != 0.0]
+    if not terms:
+        return y
+    return y + h * sum(terms[1:], terms[0])
+
+
+def runge_kutta_step(
+    tableau: ButcherTableau, f: FlatField, t: Array, y: Array, f0: Array, h: Array
+) -> tuple[Array, Array, Array, list[Array], Array]:
+    """The generic explicit RK step: stages k_i = f(t + c_i h, y + h Σ a_ij k_j).
+
+    `f0 = f(t, y)` is passed in (from the previous step's `f1`), so an FSAL method
+    costs s-1 evaluations per step and any other s (its last being f(t+h, y1)).
+
+    **Returns:** `(y1, y_error, f1, stages, stage_input_before_last)`.
+    """
+    h_y = h.astype(jnp.real(y).dtype)
+    stages = [f0]
+    stage_input = y
+    previous_input = y
+    for i in range(1, tableau.num_stages):
+        previous_input = stage_input
+        stage_input = _combine(y, h_y, tableau.a[i, :i], stages)
+        stages.append(f(t + tableau.c[i] * h, stage_input))
+    if tableau.fsal:
+        y1, f1 = stage_input, stages[-1]
+    else:
+        y1 = _combine(y, h_y, tableau.b, stages)
+        f1 = f(t + h, y1)
+    if tableau.b_error is None:
+        y_error = jnp.zeros_like(y)
+    else:
+        y_error = _combine(jnp.zeros_like(y), h_y, tableau.b_error, stages)
+    return y1, y_error, f1, stages, previous_input
+
+
+class AbstractSolver(eqx.Module):
+    """An explicit Runge–Kutta method: a tableau and an interpolant.
+
+    Subclasses set the class variables `tableau` and `interpolation`
+    (`"polynomial"` uses the tableau's continuous extension, `"hermite"` the
+    cubic Hermite interpolant, `"linear"` straight lines).
+    """
+
+    tableau: ClassVar[ButcherTableau]
+    interpolation: ClassVar[str]
+
+    @property
+    def order(self) -> int:
+        return self.tableau.order
+
+    @property
+    def adaptive(self) -> bool:
+        return self.tableau.adaptive
+
+    @property
+    def error_exponent(self) -> float:
+        """1/q with q = (order of the error estimate) + 1, for step control."""
+        orders = [self.tableau.order]
+        if self.tableau.error_order is not None:
+            orders.append(self.tableau.error_order)
+        return 1.0 / (min(orders) + 1)
+
+    @property
+    def fevals_per_step(self) -> int:
+        return self.tableau.num_stages - 1 + (0 if self.tableau.fsal else 1)
+
+    @property
+    def _has_stiffness_estimate(self) -> bool:
+        c = self.tableau.c
+        return self.tableau.fsal and len(c) > 2 and c[-2] == 1.0
+
+    def step(self, f: FlatField, t: Array, y: Array, f0: Array, h: Array) -> StepResult:
+        """Take one trial step of size h from (t, y) with f0 = f(t, y)."""
+        y1, y_error, f1, stages, before_last = runge_kutta_step(
+            self.tableau, f, t, y, f0, h
+        )
+        h_y = h.astype(jnp.real(y).dtype)
+        if self.interpolation == "polynomial":
+            dense = interp.polynomial_coefficients(self.tableau.dense, stages, h_y)
+        elif self.interpolation == "hermite":
+            dense = interp.hermite_coefficients(y, y1, f0, f1, h_y)
+        else:
+            dense = interp.linear_coefficients(y, y1)
+        if self._has_stiffness_estimate:
+            # Hairer's test (Solving ODEs II, IV.2): two stages at c = 1 give
+            # |λ| ≈ ‖k_s - k_{s-1}‖ / ‖y1 - Y_{s-1}‖.
+            num = rms_norm(stages[-1] - stages[-2])
+            den = rms_norm(y1 - before_last)
+            stiffness = jnp.abs(h_y) * num / jnp.where(den > 0, den, 1.0)
+            stiffness = jnp.where(den > 0, stiffness, 0.0)
+        else:
+            stiffness = jnp.full((), jnp.nan, dtype=jnp.real(y1).dtype)
+        return StepResult(y1, y_error, f1, dense, stiffness)
+
+
+class Dopri5(AbstractSolver):
+    """Dormand–Prince 5(4), FSAL, with Hairer's 4th-order dense output.
+
+    The default solver (MATLAB's ode45, scipy's RK45). Dormand & Prince (1980),
+    J. Comput. Appl. Math. 6, 19–26.
+    """
+
+    tableau: ClassVar[ButcherTableau] = tableaus.DOPRI5
+    interpolation: ClassVar[str] = "polynomial"
+
+
+class Tsit5(AbstractSolver):
+    """Tsitouras 5(4), FSAL, with its own 4th-order interpolant.
+
+    Tsitouras (2011), Comput. Math. Appl. 62, 770–775.
+    """
+
+    tableau: ClassVar[ButcherTableau] = tableaus.TSIT5
+    interpolation: ClassVar[str] = "polynomial"
+
+
+class Bosh3(AbstractSolver):
+    """Bogacki–Shampine 3(2), FSAL, with Hermite cubic dense output.
+
+    Bogacki & Shampine (1989), Appl. Math. Lett. 2, 321–325.
+    """
+
+    tableau: ClassVar[ButcherTableau] = tableaus.BOSH3
+    interpolation: ClassVar[str] = "hermite"
+
+
+class Fehlberg45(AbstractSolver):
+    """Runge–Kutta–Fehlberg 4(5) (4th order propagated), Hermite dense output.
+
+    Fehlberg (1969), NASA Technical Report R-315.
+    """
+
+    tableau: ClassVar[ButcherTableau] = tableaus.FEHLBERG45
+    interpolation: ClassVar[str] = "hermite"
+
+
+class Euler(AbstractSolver):
+    """Explicit Euler, order 1, fixed step (needs `dt0`), linear dense output."""
+
+    tableau: ClassVar[ButcherTableau] = tableaus.EULER
+    interpolation: ClassVar[str] = "linear"
+
+
+class Midpoint(AbstractSolver):
+    """Explicit midpoint rule, order 2, fixed step (needs `dt0`), Hermite output."""
+
+    tableau: ClassVar[ButcherTableau] = tableaus.MIDPOINT
+    interpolation: ClassVar[str] = "hermite"
+
+
+class RK4(AbstractSolver):
+    """The classical Runge–Kutta method, order 4, fixed step (needs `dt0`)."""
+
+    tableau: ClassVar[ButcherTableau] = tableaus.RK4
+    interpolation: ClassVar[str] = "hermite"
