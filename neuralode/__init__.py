@@ -5,9 +5,13 @@ import importlib.metadata
 from ._adjoint import (
     AbstractAdjoint as AbstractAdjoint,
     BacksolveAdjoint as BacksolveAdjoint,
+    CheckpointAdjoint as CheckpointAdjoint,
     ForwardMode as ForwardMode,
 )
-from ._controller import PIController as PIController
+from ._controller import (
+    ConstantStepSize as ConstantStepSize,
+    PIController as PIController,
+)
 from ._failure import SolveError as SolveError
 from ._solution import RESULTS as RESULTS, Solution as Solution
 from ._solve import odeint as odeint, solve as solve

@@ -69,7 +69,9 @@ class PIController(eqx.Module):
 
     def __check_init__(self):
         if not 0 < self.safety <= 1:
-            raise ValueError(f"PIController: safety must be in (0, 1], got {self.safety}")
+            raise ValueError(
+                f"PIController: safety must be in (0, 1], got {self.safety}"
+            )
         if not 0 < self.min_factor < 1 < self.max_factor:
             raise ValueError(
                 "PIController: need 0 < min_factor < 1 < max_factor, got "
@@ -95,6 +97,15 @@ class PIController(eqx.Module):
         factor = jnp.where(accept, on_accept, on_reject)
         # A non-finite error (NaN/inf in the trial step) shrinks the step hard.
         return jnp.where(jnp.isfinite(err), factor, self.min_factor)
+
+
+class ConstantStepSize(eqx.Module):
+    """Take every step with the size `dt0`, as a fixed-step method would.
+
+    With an embedded pair the error estimate is ignored; a step with NaN/inf is
+    still a failure (`RESULTS.nonfinite`). Use it for convergence studies or to
+    match a fixed time grid. Requires `dt0`.
+    """
 
 
 def initial_step(

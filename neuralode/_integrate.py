@@ -16,9 +16,16 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from . import _interpolation as interp
-from ._controller import Norm, PIController, error_scale, initial_step
+from ._controller import (
+    ConstantStepSize,
+    Norm,
+    PIController,
+    error_scale,
+    initial_step,
+)
 from ._solution import RESULTS
 from ._solvers import AbstractSolver
+from ._stiffness import stiffness_at_failure
 
 FlatField = Callable[[Array, Array], Array]
 
@@ -27,11 +34,16 @@ class SolverConfig(eqx.Module):
     """Everything static about a solve: method, control and limits."""
 
     solver: AbstractSolver
-    controller: PIController
+    controller: PIController | ConstantStepSize
     rtol: float = eqx.field(static=True)
     atol: float = eqx.field(static=True)
     dt0: float | None = eqx.field(static=True)
     max_steps: int = eqx.field(static=True)
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether steps are chosen by error control (else all of size dt0)."""
+        return self.solver.adaptive and isinstance(self.controller, PIController)
 
 
 class Attempt(NamedTuple):
@@ -46,7 +58,6 @@ class Attempt(NamedTuple):
     finite: Bool[Array, ""]
     err: Array
     h_next: Array
-    stiffness: Array
 
 
 def attempt_step(
@@ -70,14 +81,16 @@ def attempt_step(
     t_sg = lax.stop_gradient(t)
     t_target_sg = lax.stop_gradient(t_target)
     t_try = t_sg + h_proposed
-    sliver = 16 * jnp.finfo(t.dtype).eps * jnp.maximum(jnp.abs(t_target_sg), jnp.abs(t_sg))
+    sliver = (
+        16 * jnp.finfo(t.dtype).eps * jnp.maximum(jnp.abs(t_target_sg), jnp.abs(t_sg))
+    )
     clipped = t_try >= t_target_sg - sliver
     t_new = jnp.where(clipped, t_target_sg, t_try)
     h = t_new - t_sg
     solver = config.solver
     step = solver.step(f, t, y, f0, h)
     finite = jnp.isfinite(jnp.sum(jnp.real(step.y1)))
-    if solver.adaptive:
+    if config.adaptive:
         scale = error_scale(y, step.y1, config.rtol, config.atol)
         err = lax.stop_gradient(norm(step.y_error / scale))
         finite = finite & jnp.isfinite(err)
@@ -96,8 +109,7 @@ def attempt_step(
         err = jnp.zeros((), jnp.real(y).dtype)
         accept = finite
         h_next = jnp.full_like(h, config.dt0)
-    return Attempt(t_new, h, step.y1, step.f1, step.dense, accept, finite, err,
-                   h_next, step.stiffness)  # fmt: skip
+    return Attempt(t_new, h, step.y1, step.f1, step.dense, accept, finite, err, h_next)
 
 
 def underflowed(h_next: Array, t: Array) -> Array:
@@ -107,16 +119,33 @@ def underflowed(h_next: Array, t: Array) -> Array:
 
 
 def failure_code(
-    attempt: Attempt, t_after: Array, t_end: Array, num_steps: Array, max_steps: int
+    config: SolverConfig,
+    attempt: Attempt,
+    t_after: Array,
+    t_end: Array,
+    num_steps: Array,
 ) -> Int[Array, ""]:
     """The result code after a step: non-finite, underflow, max_steps or 0."""
+    if not config.adaptive:
+        # Fixed steps cannot shrink around a non-finite value.
+        return jnp.where(
+            attempt.finite,
+            jnp.where(
+                (num_steps >= config.max_steps) & (t_after < t_end),
+                RESULTS.max_steps_reached,
+                RESULTS.successful,
+            ),
+            RESULTS.nonfinite,
+        ).astype(jnp.int32)
     code = jnp.where(
         underflowed(attempt.h_next, t_after) & (t_after < t_end),
         jnp.where(attempt.finite, RESULTS.dt_underflow, RESULTS.nonfinite),
         RESULTS.successful,
     )
     code = jnp.where(
-        (code == RESULTS.successful) & (num_steps >= max_steps) & (t_after < t_end),
+        (code == RESULTS.successful)
+        & (num_steps >= config.max_steps)
+        & (t_after < t_end),
         RESULTS.max_steps_reached,
         code,
     )
@@ -147,20 +176,44 @@ class _ForwardState(NamedTuple):
     num_steps: Array
     num_accepted: Array
     result: Array
-    stiffness: Array
+    # Only when recording the accepted steps (for CheckpointAdjoint):
+    step_starts: Array | None
+    step_times: Array | None
+
+
+class StepRecord(NamedTuple):
+    """The accepted steps of a solve: `y_starts[k]` at `times[k]`, ending at
+    `times[k + 1]`; `count` steps are valid."""
+
+    y_starts: Array
+    times: Array
+    count: Array
 
 
 def first_step(
-    config: SolverConfig, f: FlatField, norm: Norm, t0: Array, y0: Array, f0: Array,
+    config: SolverConfig,
+    f: FlatField,
+    norm: Norm,
+    t0: Array,
+    y0: Array,
+    f0: Array,
     t_span: Array,
-) -> tuple[Array, int]:  # fmt: skip
+) -> tuple[Array, int]:
     """The first step size and the number of f evaluations it cost."""
     if config.dt0 is not None:
         return jnp.asarray(config.dt0, t0.dtype), 0
+    assert config.adaptive
     h0 = initial_step(
-        f, t0, y0, f0, t_span, config.rtol, config.atol,
-        config.solver.error_exponent, norm,
-    )  # fmt: skip
+        f,
+        t0,
+        y0,
+        f0,
+        t_span,
+        config.rtol,
+        config.atol,
+        config.solver.error_exponent,
+        norm,
+    )
     return lax.stop_gradient(h0), 1
 
 
@@ -171,7 +224,9 @@ def integrate(
     y0: Array,
     tau_out: Float[Array, " n_out"],
     h0: Array | None = None,
-) -> tuple[Float[Array, "n_out n"], LoopStats]:
+    record_steps: bool = False,
+    diagnose_stiffness: bool = True,
+) -> tuple[Float[Array, "n_out n"], LoopStats] | tuple[Array, LoopStats, StepRecord]:
     """Solve from tau_out[0] to tau_out[-1] (increasing), returning y at tau_out.
 
     **Arguments:**
@@ -181,8 +236,13 @@ def integrate(
     - `y0`: the flat initial state at tau_out[0].
     - `tau_out`: increasing output times.
     - `h0`: a first step size to use instead of the configured one.
+    - `diagnose_stiffness`: on failure, estimate h·ρ(∂f/∂y) for the message
+      (costs a Jacobian–vector product trace of f at compile time).
+    - `record_steps`: also return a `StepRecord` of the accepted steps, in
+      buffers of length `max_steps` (memory linear in the step count).
 
-    **Returns:** `(ys, stats)` with `ys[i]` the state at `tau_out[i]`.
+    **Returns:** `(ys, stats)` with `ys[i]` the state at `tau_out[i]`, and the
+    `StepRecord` when recording.
     """
     t0 = tau_out[0]
     t_end = tau_out[-1]
@@ -218,13 +278,28 @@ def integrate(
 
     def body(state: _ForwardState) -> _ForwardState:
         attempt = attempt_step(
-            config, f, norm, state.t, state.y, state.f0, state.h, t_end,
-            state.err_prev, state.rejected_last,
-        )  # fmt: skip
+            config,
+            f,
+            norm,
+            state.t,
+            state.y,
+            state.f0,
+            state.h,
+            t_end,
+            state.err_prev,
+            state.rejected_last,
+        )
         out_index, ys = fill_outputs(state, attempt)
         accept = attempt.accept
         t = jnp.where(accept, attempt.t_new, state.t)
         num_steps = state.num_steps + 1
+        step_starts, step_times = state.step_starts, state.step_times
+        if record_steps:
+            # Written unconditionally: after a rejection slot k is rewritten by the
+            # next attempt, since k only advances on acceptance.
+            k = state.num_accepted
+            step_starts = lax.dynamic_update_index_in_dim(step_starts, state.y, k, 0)
+            step_times = step_times.at[k + 1].set(attempt.t_new)
         return _ForwardState(
             t=t,
             y=jnp.where(accept, attempt.y1, state.y),
@@ -235,9 +310,10 @@ def integrate(
             out_index=out_index,
             ys=ys,
             num_steps=num_steps,
-            num_accepted=state.num_accepted + accept,
-            result=failure_code(attempt, t, t_end, num_steps, config.max_steps),
-            stiffness=jnp.where(accept, attempt.stiffness, state.stiffness),
+            num_accepted=state.num_accepted + accept.astype(jnp.int32),
+            result=failure_code(config, attempt, t, t_end, num_steps),
+            step_starts=step_starts,
+            step_times=step_times,
         )
 
     zero = jnp.zeros((), jnp.int32)
@@ -253,7 +329,16 @@ def integrate(
         num_steps=zero,
         num_accepted=zero,
         result=zero,
-        stiffness=jnp.zeros((), real),
+        step_starts=(
+            jnp.zeros((config.max_steps,) + y0.shape, y0.dtype)
+            if record_steps
+            else None
+        ),
+        step_times=(
+            jnp.zeros(config.max_steps + 1, t0.dtype).at[0].set(t0)
+            if record_steps
+            else None
+        ),
     )
     final = lax.while_loop(cond, body, init)
     # Output times equal to t0 (the first, or all of a zero-length interval).
@@ -267,7 +352,15 @@ def integrate(
         result=final.result,
         t_reached=final.t,
         h_last=final.h,
-        stiffness=final.stiffness,
+        stiffness=(
+            stiffness_at_failure(
+                f, final.t, final.y, final.h, final.result != RESULTS.successful
+            )
+            if diagnose_stiffness
+            else jnp.full((), jnp.nan, real)
+        ),
     )
+    if record_steps:
+        record = StepRecord(final.step_starts, final.step_times, final.num_accepted)
+        return ys, stats, record
     return ys, stats
-

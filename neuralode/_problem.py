@@ -42,7 +42,9 @@ class ODEProblem(eqx.Module):
 
 def _describe(tree: PyTree) -> str:
     leaves = jax.tree_util.tree_structure(tree)
-    shapes = [f"{jnp.result_type(x).name}{list(jnp.shape(x))}" for x in jax.tree.leaves(tree)]
+    shapes = [
+        f"{jnp.result_type(x).name}{list(jnp.shape(x))}" for x in jax.tree.leaves(tree)
+    ]
     return f"{leaves} with leaves {shapes}"
 
 
@@ -108,7 +110,9 @@ def check_tolerances(rtol: Any, atol: Any) -> tuple[float, float]:
     return values[0], values[1]
 
 
-def check_steps(solver: AbstractSolver, dt0: Any, max_steps: Any) -> float | None:
+def check_steps(
+    solver: AbstractSolver, dt0: Any, max_steps: Any, adaptive: bool = True
+) -> float | None:
     if not isinstance(solver, AbstractSolver):
         raise TypeError(
             f"neuralode: solver must be a neuralode solver such as neuralode.Dopri5(), "
@@ -123,6 +127,11 @@ def check_steps(solver: AbstractSolver, dt0: Any, max_steps: Any) -> float | Non
             raise ValueError(
                 f"neuralode: {type(solver).__name__} is a fixed-step solver and needs "
                 "a step size: pass dt0=..., or use an adaptive solver such as Dopri5()"
+            )
+        if not adaptive:
+            raise ValueError(
+                "neuralode: ConstantStepSize() takes every step of size dt0: pass "
+                "dt0=..."
             )
         return None
     if isinstance(dt0, jax.core.Tracer):
@@ -171,7 +180,9 @@ def make_problem(
     )
     if not same_structure or any(
         (a.shape, a.dtype) != (b.shape, b.dtype)
-        for a, b in zip(jax.tree.leaves(out_shape), jax.tree.leaves(expected), strict=True)
+        for a, b in zip(
+            jax.tree.leaves(out_shape), jax.tree.leaves(expected), strict=True
+        )
     ):
         raise ValueError(
             "neuralode: f(t, y, args) must return the same structure, shapes and "

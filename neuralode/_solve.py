@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, PyTree
 
 from ._adjoint import AbstractAdjoint, BacksolveAdjoint
-from ._controller import PIController
+from ._controller import ConstantStepSize, PIController
 from ._failure import raise_if_failed
 from ._integrate import SolverConfig
 from ._problem import check_steps, check_tolerances, check_ts, make_problem
@@ -30,7 +30,7 @@ def solve(
     dt0: float | None = None,
     max_steps: int = 4096,
     adjoint: AbstractAdjoint = BacksolveAdjoint(),
-    controller: PIController = PIController(),
+    controller: PIController | ConstantStepSize = PIController(),
     throw: bool = True,
 ) -> Solution:
     """Solve dy/dt = f(t, y, args) from ts[0] and return y at every time of ts.
@@ -55,7 +55,8 @@ def solve(
     - `max_steps`: the most steps (accepted and rejected) before failing.
     - `adjoint`: how reverse-mode derivatives are computed (`BacksolveAdjoint`,
       `CheckpointAdjoint` or `ForwardMode`).
-    - `controller`: the step-size controller.
+    - `controller`: `PIController()` (adaptive steps) or `ConstantStepSize()`
+      (every step `dt0`, even for an embedded pair).
     - `throw`: raise on failure (at run time, under `jit` too); with `False` the
       failure is returned in `Solution.result`.
 
@@ -64,14 +65,17 @@ def solve(
     """
     ts = check_ts(ts)
     rtol, atol = check_tolerances(rtol, atol)
-    dt0 = check_steps(solver, dt0, max_steps)
+    if not isinstance(controller, PIController | ConstantStepSize):
+        raise TypeError(
+            "neuralode: controller must be PIController() or ConstantStepSize(), got "
+            f"{controller!r}"
+        )
+    dt0 = check_steps(solver, dt0, max_steps, isinstance(controller, PIController))
     if not isinstance(adjoint, AbstractAdjoint):
         raise TypeError(
             "neuralode: adjoint must be BacksolveAdjoint(), CheckpointAdjoint() or "
             f"ForwardMode(), got {adjoint!r}"
         )
-    if not isinstance(controller, PIController):
-        raise TypeError(f"neuralode: controller must be a PIController, got {controller!r}")
     problem, params, y0_flat = make_problem(f, y0, ts[0], args)
     time_dtype = jnp.result_type(ts.dtype, jnp.real(y0_flat).dtype)
     ts = ts.astype(time_dtype)
@@ -79,8 +83,9 @@ def solve(
     ys_flat, stats = adjoint.loop(config, problem, params, y0_flat, ts)
     if throw:
         direction = jnp.sign(ts[-1] - ts[0])
-        raise_if_failed(stats, direction, ts[0], ts[-1], config.max_steps,
-                        type(solver).__name__)  # fmt: skip
+        raise_if_failed(
+            stats, direction, ts[0], ts[-1], config.max_steps, type(solver).__name__
+        )
     ys = jax.vmap(problem.unravel)(ys_flat)
     stats_dict = {
         "num_steps": stats.num_steps,
@@ -104,5 +109,7 @@ def odeint(
     structure of `y0` with a leading axis of `len(ts)`, and `ys[0]` equals `y0`.
     """
     if "throw" in kwargs:
-        raise TypeError("neuralode: odeint always raises on failure; use solve(throw=False)")
+        raise TypeError(
+            "neuralode: odeint always raises on failure; use solve(throw=False)"
+        )
     return solve(f, y0, ts, args, **kwargs).ys

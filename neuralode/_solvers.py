@@ -9,9 +9,7 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array
 
-from . import _interpolation as interp
-from ._controller import rms_norm
-from . import _tableaus as tableaus
+from . import _interpolation as interp, _tableaus as tableaus
 from ._tableaus import ButcherTableau
 
 FlatField = Callable[[Array, Array], Array]
@@ -22,15 +20,13 @@ class StepResult(NamedTuple):
 
     `y_error` is the local error estimate (zeros for fixed-step methods),
     `f1` = f(t + h, y1), `dense` the interpolation coefficients (see
-    `_interpolation.evaluate`) and `stiffness` Hairer's estimate of h·|λ|
-    (NaN where the tableau has no such estimate).
+    `_interpolation.evaluate`).
     """
 
     y1: Array
     y_error: Array
     f1: Array
     dense: Array
-    stiffness: Array
 
 
 def _combine(y: Array, h: Array, weights, stages: list[Array]) -> Array:
@@ -49,16 +45,14 @@ def runge_kutta_step(
     `f0 = f(t, y)` is passed in (from the previous step's `f1`), so an FSAL method
     costs s-1 evaluations per step and any other s (its last being f(t+h, y1)).
 
-    **Returns:** `(y1, y_error, f1, stages, stage_input_before_last)`.
+    **Returns:** `(y1, y_error, f1, stages)`.
     """
     h_y = h.astype(jnp.real(y).dtype)
     stages = [f0]
     stage_input = y
-    previous_input = y
     for i in range(1, tableau.num_stages):
-        previous_input = stage_input
         stage_input = _combine(y, h_y, tableau.a[i, :i], stages)
-        stages.append(f(t + tableau.c[i] * h, stage_input))
+        stages.append(f(t + float(tableau.c[i]) * h, stage_input))
     if tableau.fsal:
         y1, f1 = stage_input, stages[-1]
     else:
@@ -68,7 +62,7 @@ def runge_kutta_step(
         y_error = jnp.zeros_like(y)
     else:
         y_error = _combine(jnp.zeros_like(y), h_y, tableau.b_error, stages)
-    return y1, y_error, f1, stages, previous_input
+    return y1, y_error, f1, stages
 
 
 class AbstractSolver(eqx.Module):
@@ -102,16 +96,9 @@ class AbstractSolver(eqx.Module):
     def fevals_per_step(self) -> int:
         return self.tableau.num_stages - 1 + (0 if self.tableau.fsal else 1)
 
-    @property
-    def _has_stiffness_estimate(self) -> bool:
-        c = self.tableau.c
-        return self.tableau.fsal and len(c) > 2 and c[-2] == 1.0
-
     def step(self, f: FlatField, t: Array, y: Array, f0: Array, h: Array) -> StepResult:
         """Take one trial step of size h from (t, y) with f0 = f(t, y)."""
-        y1, y_error, f1, stages, before_last = runge_kutta_step(
-            self.tableau, f, t, y, f0, h
-        )
+        y1, y_error, f1, stages = runge_kutta_step(self.tableau, f, t, y, f0, h)
         h_y = h.astype(jnp.real(y).dtype)
         if self.interpolation == "polynomial":
             dense = interp.polynomial_coefficients(self.tableau.dense, stages, h_y)
@@ -119,16 +106,7 @@ class AbstractSolver(eqx.Module):
             dense = interp.hermite_coefficients(y, y1, f0, f1, h_y)
         else:
             dense = interp.linear_coefficients(y, y1)
-        if self._has_stiffness_estimate:
-            # Hairer's test (Solving ODEs II, IV.2): two stages at c = 1 give
-            # |λ| ≈ ‖k_s - k_{s-1}‖ / ‖y1 - Y_{s-1}‖.
-            num = rms_norm(stages[-1] - stages[-2])
-            den = rms_norm(y1 - before_last)
-            stiffness = jnp.abs(h_y) * num / jnp.where(den > 0, den, 1.0)
-            stiffness = jnp.where(den > 0, stiffness, 0.0)
-        else:
-            stiffness = jnp.full((), jnp.nan, dtype=jnp.real(y1).dtype)
-        return StepResult(y1, y_error, f1, dense, stiffness)
+        return StepResult(y1, y_error, f1, dense)
 
 
 class Dopri5(AbstractSolver):

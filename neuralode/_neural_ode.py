@@ -1,0 +1,224 @@
+"""`NeuralODE`: an ODE solve wrapped as an equinox layer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, final
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, Float, PyTree
+
+from ._adjoint import BacksolveAdjoint
+from ._solve import odeint, solve
+from ._solvers import Dopri5
+
+
+def _float_dtype(tree):
+    leaves = jax.tree.leaves(tree)
+    if not leaves:
+        raise ValueError("The initial state `y0` has no array leaves.")
+    dtype = jnp.result_type(*leaves)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"The initial state must be floating point; got {dtype}.")
+    return dtype
+
+
+@final
+class NeuralODE(eqx.Module):
+    r"""A neural ODE layer: maps $y(t_0)$ to the solution $y(t_1)$ of $y' = f(t, y)$.
+
+    The layer solves $\frac{dy}{dt} = f_\theta(t, y, \text{args})$ from `t0` to
+    `t1` with an adaptive Runge–Kutta solver and returns $y(t_1)$; gradients
+    with respect to $y(t_0)$ and every array leaf of `field` come from the
+    chosen adjoint method (Chen et al. 2018). It can be used like any other
+    equinox layer, e.g. encoder → `NeuralODE` → linear head.
+
+    With `augment=k > 0` the state is an array whose last axis is padded with
+    `k` zeros before the solve, $[y, 0] \in \mathbb{R}^{d+k}$ (augmented neural
+    ODEs, Dupont et al. 2019), so `field` must act on a last axis of size
+    $d + k$. Both `model(y0)` and `model.trajectory(y0, ts)` return the full
+    augmented state; `model.project(y)` drops the `k` extra channels.
+
+    **Arguments:**
+
+    - `field`: the vector field, called as `field(t, y, args)` and returning
+      $dy/dt$ with the structure of `y` (e.g. `neuralode.nn.MLPField`).
+    - `t0`, `t1`: the initial and final times (default 0 and 1).
+    - `solver`: the Runge–Kutta solver (default `Dopri5()`).
+    - `rtol`, `atol`: relative and absolute tolerances (default 1e-3 and 1e-6,
+      the usual values for training).
+    - `adjoint`: how gradients are computed (default `BacksolveAdjoint()`).
+    - `dt0`: the initial step size, or None to select it automatically.
+    - `max_steps`: the maximum number of solver steps.
+    - `augment`: the number of zero channels appended to the state (default 0).
+
+    **References:**
+
+    Chen, Rubanova, Bettencourt, Duvenaud. *Neural Ordinary Differential
+    Equations.* NeurIPS 2018.
+
+    Dupont, Doucet, Teh. *Augmented Neural ODEs.* NeurIPS 2019.
+    """
+
+    field: Callable[..., PyTree]
+    t0: float
+    t1: float
+    solver: Any
+    rtol: float
+    atol: float
+    adjoint: Any
+    dt0: float | None
+    max_steps: int = eqx.field(static=True)
+    augment: int = eqx.field(static=True)
+
+    def __init__(
+        self,
+        field: Callable[..., PyTree],
+        *,
+        t0: float = 0.0,
+        t1: float = 1.0,
+        solver: Any = None,
+        rtol: float = 1e-3,
+        atol: float = 1e-6,
+        adjoint: Any = None,
+        dt0: float | None = None,
+        max_steps: int = 4096,
+        augment: int = 0,
+    ):
+        if not callable(field):
+            raise TypeError(f"`field` must be callable; got {type(field).__name__}.")
+        if isinstance(augment, bool) or not isinstance(augment, int) or augment < 0:
+            raise ValueError(f"`augment` must be an int >= 0; got {augment!r}.")
+        if isinstance(max_steps, bool) or not isinstance(max_steps, int):
+            raise ValueError(f"`max_steps` must be a positive int; got {max_steps!r}.")
+        if max_steps < 1:
+            raise ValueError(f"`max_steps` must be a positive int; got {max_steps!r}.")
+        if isinstance(t0, int | float) and isinstance(t1, int | float) and t0 == t1:
+            raise ValueError(f"`t0` and `t1` must differ; both are {t0}.")
+        self.field = field
+        self.t0 = t0
+        self.t1 = t1
+        self.solver = Dopri5() if solver is None else solver
+        self.rtol = rtol
+        self.atol = atol
+        self.adjoint = BacksolveAdjoint() if adjoint is None else adjoint
+        self.dt0 = dt0
+        self.max_steps = max_steps
+        self.augment = augment
+
+    def _prepare(self, y0):
+        if self.augment == 0:
+            return y0
+        if not eqx.is_array_like(y0) or jnp.ndim(y0) == 0:
+            raise ValueError(
+                f"`augment={self.augment}` needs the state to be an array with a "
+                "last axis to pad; got a pytree or scalar."
+            )
+        y0 = jnp.asarray(y0)
+        size = getattr(self.field, "data_size", None)
+        if isinstance(size, int) and size != y0.shape[-1] + self.augment:
+            raise ValueError(
+                f"With augment={self.augment} the field must act on a last axis of "
+                f"size {y0.shape[-1]} + {self.augment} = "
+                f"{y0.shape[-1] + self.augment}, but its data_size is {size}."
+            )
+        pad = jnp.zeros(y0.shape[:-1] + (self.augment,), y0.dtype)
+        return jnp.concatenate([y0, pad], axis=-1)
+
+    def _kwargs(self):
+        return dict(
+            solver=self.solver,
+            rtol=self.rtol,
+            atol=self.atol,
+            dt0=self.dt0,
+            max_steps=self.max_steps,
+            adjoint=self.adjoint,
+        )
+
+    def __call__(self, y0: PyTree, args: Any = None) -> PyTree:
+        """Solve from `t0` to `t1` and return the final state.
+
+        **Arguments:**
+
+        - `y0`: the initial state (a pytree of float arrays; an array with a
+          last axis when `augment > 0`).
+        - `args`: passed through to `field(t, y, args)`.
+
+        **Returns:**
+
+        $y(t_1)$, with the structure of `y0` (augmented when `augment > 0`).
+        """
+        y0 = self._prepare(y0)
+        ts = jnp.asarray([self.t0, self.t1], _float_dtype(y0))
+        ys = odeint(self.field, y0, ts, args, **self._kwargs())
+        return jax.tree.map(lambda y: y[-1], ys)
+
+    def trajectory(
+        self, y0: PyTree, ts: Float[ArrayLike, " times"], args: Any = None
+    ) -> PyTree:
+        """Solve through the times `ts` and return the states at those times.
+
+        **Arguments:**
+
+        - `y0`: the initial state, taken to be the state at time `ts[0]`
+          (`t0` and `t1` are not used).
+        - `ts`: 1-D strictly monotonic times (increasing or decreasing).
+        - `args`: passed through to `field(t, y, args)`.
+
+        **Returns:**
+
+        The states, each leaf with a leading axis of length `len(ts)`;
+        `ys[0]` is `y0` (augmented when `augment > 0`).
+        """
+        y0 = self._prepare(y0)
+        ts = jnp.asarray(ts, _float_dtype(y0))
+        return odeint(self.field, y0, ts, args, **self._kwargs())
+
+    def solve(
+        self,
+        y0: PyTree,
+        ts: Float[ArrayLike, " times"] | None = None,
+        args: Any = None,
+        *,
+        throw: bool = True,
+    ):
+        """Like `trajectory` but return the full `Solution` (with step statistics).
+
+        **Arguments:**
+
+        - `y0`: the initial state.
+        - `ts`: the output times, or None for `[t0, t1]`.
+        - `args`: passed through to `field(t, y, args)`.
+        - `throw`: raise if the solve fails (otherwise see `Solution.result`).
+
+        **Returns:**
+
+        The `Solution(ts, ys, stats, result)` of `neuralode.solve`.
+        """
+        y0 = self._prepare(y0)
+        if ts is None:
+            ts = [self.t0, self.t1]
+        ts = jnp.asarray(ts, _float_dtype(y0))
+        return solve(self.field, y0, ts, args, throw=throw, **self._kwargs())
+
+    def project(self, y: Float[Array, "... d_aug"]) -> Float[Array, "... d"]:
+        """Drop the `augment` zero-initialised channels from the last axis of `y`.
+
+        **Arguments:**
+
+        - `y`: an augmented state (or trajectory) of last-axis size $d + k$.
+
+        **Returns:**
+
+        `y[..., :d]` (`y` unchanged when `augment == 0`).
+        """
+        if self.augment == 0:
+            return y
+        if y.shape[-1] <= self.augment:
+            raise ValueError(
+                f"Cannot drop {self.augment} augmented channels from a last axis "
+                f"of size {y.shape[-1]}."
+            )
+        return y[..., : y.shape[-1] - self.augment]
