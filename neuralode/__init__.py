@@ -2,6 +2,7 @@
 
 import importlib.metadata
 
+from . import datasets as datasets
 from ._adjoint import (
     AbstractAdjoint as AbstractAdjoint,
     BacksolveAdjoint as BacksolveAdjoint,
@@ -14,7 +15,11 @@ from ._controller import (
 )
 from ._failure import SolveError as SolveError
 from ._solution import RESULTS as RESULTS, Solution as Solution
-from ._solve import odeint as odeint, solve as solve
+from ._solve import (
+    backward_stats as backward_stats,
+    odeint as odeint,
+    solve as solve,
+)
 from ._solvers import (
     RK4 as RK4,
     AbstractSolver as AbstractSolver,

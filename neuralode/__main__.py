@@ -17,9 +17,9 @@ def _demo(args: argparse.Namespace) -> int:
         return jnp.stack([y[1], mu * (1 - y[0] ** 2) * y[1] - y[0]])
 
     ts = jnp.linspace(0.0, 20.0, 5)
-    sol = jax.jit(
-        lambda y0: no.solve(van_der_pol, y0, ts, 1.0, rtol=1e-8, atol=1e-10)
-    )(jnp.array([2.0, 0.0]))
+    sol = jax.jit(lambda y0: no.solve(van_der_pol, y0, ts, 1.0, rtol=1e-8, atol=1e-10))(
+        jnp.array([2.0, 0.0])
+    )
     print("Van der Pol (mu=1) with Dopri5, rtol=1e-8:")
     for t, y in zip(ts, sol.ys, strict=True):
         print(f"  t={float(t):5.1f}  x={float(y[0]): .8f}  v={float(y[1]): .8f}")

@@ -8,8 +8,7 @@ by replaying its stored steps; `ForwardMode` has no custom rule at all.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -19,10 +18,8 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, PyTree
 
-from ._controller import grouped_rms_norm, rms_norm
 from ._failure import raise_if_failed
-from ._integrate import LoopStats, SolverConfig, first_step, integrate
-from ._problem import ODEProblem
+from ._integrate import LoopStats, SolverConfig, integrate
 from ._solution import RESULTS
 
 
@@ -38,12 +35,17 @@ class AbstractAdjoint(eqx.Module):
     def loop(
         self,
         config: SolverConfig,
-        problem: ODEProblem,
+        problem: Any,
         params: PyTree,
         y0: Array,
         ts: Array,
+        h0: Array | None = None,
     ) -> tuple[Array, LoopStats]:
-        """Solve the flat problem, returning (ys_flat, stats)."""
+        """Solve the flat problem from ts[0] to ts[-1]: (ys_flat, stats).
+
+        `problem.f_flat(τ, y, params, direction)` is the flat field in the loop's
+        increasing time τ = direction·t; `h0 > 0` overrides the first step.
+        """
 
 
 class ForwardMode(AbstractAdjoint):
@@ -55,26 +57,22 @@ class ForwardMode(AbstractAdjoint):
     `CheckpointAdjoint` for `jax.grad`.
     """
 
-    def loop(self, config, problem, params, y0, ts):
+    def loop(self, config, problem, params, y0, ts, h0=None):
         direction, tau = _direction_and_tau(ts)
         f = lambda t, y: problem.f_flat(t, y, params, direction)
-        return integrate(config, f, rms_norm, y0, tau)
+        return integrate(config, f, y0, tau, h0)
 
 
 # --------------------------------------------------------------------------
-# Parameters: the inexact array leaves get gradients, everything else is fixed.
+# Shared pieces: parameters and the cotangents of the output times.
 
 
-class _Params(NamedTuple):
-    """Split of the problem's parameters into differentiable and fixed parts."""
-
-    diff: PyTree
-    fixed: PyTree
-
-
-def _split_params(params: PyTree) -> _Params:
-    diff, fixed = eqx.partition(params, eqx.is_inexact_array)
-    return _Params(diff, fixed)
+def _zero_cotangent(x):
+    if eqx.is_inexact_array(x):
+        return jnp.zeros_like(x)
+    if eqx.is_array(x):
+        return np.zeros(x.shape, dtype=jax.dtypes.float0)
+    return None
 
 
 def _parameter_cotangents(params_bar: PyTree, params_arrays: PyTree) -> PyTree:
@@ -92,54 +90,92 @@ def _parameter_cotangents(params_bar: PyTree, params_arrays: PyTree) -> PyTree:
     )
 
 
-def _zero_cotangent(x):
-    if eqx.is_inexact_array(x):
-        return jnp.zeros_like(x)
-    if eqx.is_array(x):
-        return np.zeros(x.shape, dtype=jax.dtypes.float0)
-    return None
-
-
-def _output_time_cotangents(
-    f: Callable[[Array, Array], Array], tau: Array, ys: Array, ys_bar: Array, a0: Array
-) -> Array:
+def _time_cotangents(problem, params, direction, tau, ys, ys_bar, a0) -> Array:
     """∂L/∂τ_i = ȳ_i · f(τ_i, y_i) for i ≥ 1 and ∂L/∂τ_0 = -a(τ_0) · f(τ_0, y_0).
 
     `a0` is the adjoint at τ_0 from the later outputs (the output ys[0] = y0 does
     not move with τ_0). Chen et al. (2018), appendix B.2.
     """
-    fs = jax.vmap(f)(tau, ys)
+    fs = jax.vmap(lambda t, y: problem.f_flat(t, y, params, direction))(tau, ys)
     dots = jnp.sum(jnp.real(jnp.conj(ys_bar) * fs), axis=-1)
     first = -jnp.sum(jnp.real(jnp.conj(a0) * fs[0]))
     return dots.at[0].set(first).astype(tau.dtype)
+
+
+def _custom_vjp_loop(forward, backward):
+    """A `custom_vjp` solve of (params_arrays, y0, tau, direction, h0).
+
+    `forward(...) -> (ys, stats)` and `backward(ys, params_arrays, y0, tau,
+    direction, ys_bar) -> (params_bar, y0_bar, tau_bar)`. The forward rule calls
+    the custom function itself, so that differentiating the backward pass again
+    (gradients of gradients) goes through this same rule. Direction and first
+    step get no gradient.
+    """
+
+    @jax.custom_vjp
+    def solve(params_arrays, y0, tau, direction, h0):
+        return forward(params_arrays, y0, tau, direction, h0)
+
+    def fwd(params_arrays, y0, tau, direction, h0):
+        ys, stats = solve(params_arrays, y0, tau, direction, h0)
+        return (ys, stats), (ys, params_arrays, y0, tau, direction, h0)
+
+    def bwd(residuals, cotangents):
+        ys, params_arrays, y0, tau, direction, h0 = residuals
+        params_bar, y0_bar, tau_bar = backward(
+            ys, params_arrays, y0, tau, direction, cotangents[0]
+        )
+        params_bar = _parameter_cotangents(params_bar, params_arrays)
+        return (
+            params_bar,
+            y0_bar,
+            tau_bar,
+            jnp.zeros_like(direction),
+            jnp.zeros_like(h0),
+        )
+
+    solve.defvjp(fwd, bwd)
+    return solve
+
+
+def _first_step_argument(h0: Array | None, tau: Array) -> Array:
+    return jnp.zeros((), tau.dtype) if h0 is None else jnp.asarray(h0, tau.dtype)
 
 
 # --------------------------------------------------------------------------
 # Backsolve: the continuous adjoint, with forward checkpoints.
 
 
-def _augmented_field(
-    problem: ODEProblem, split: _Params, direction: Array, n: int
-) -> Callable[[Array, Array], Array]:
-    """The backward system in σ = -τ, for the flat state [z, a, g].
+class AdjointProblem(eqx.Module):
+    """The adjoint system of `base`, forwards in the base's time τ.
 
-    dz/dσ = -f(τ, z),  da/dσ = aᵀ∂f/∂z,  dg/dσ = aᵀ∂f/∂θ,
-    with both products from one `jax.vjp` of f per evaluation.
+    For the state [z, a, g] (z, a of size n, g the flattened parameters θ):
+
+        dz/dτ = f(τ, z),  da/dτ = -aᵀ∂f/∂z,  dg/dτ = -aᵀ∂f/∂θ,
+
+    with both products from one `jax.vjp` of f. Its parameters are
+    `(base_params, base_direction)`, so it is a problem like any other and its
+    own solve can be differentiated again (gradients of gradients).
     """
-    theta, unravel_theta = ravel_pytree(split.diff)
 
-    def field(sigma: Array, state: Array) -> Array:
+    base: Any
+    n: int = eqx.field(static=True)
+
+    def f_flat(self, tau: Array, state: Array, params: PyTree, direction: Array):
+        base_params, base_direction = params
+        n = self.n
         z, a = state[:n], state[n : 2 * n]
+        diff, fixed = eqx.partition(base_params, eqx.is_inexact_array)
+        t = direction * tau
 
-        def f(z, theta):
-            params = eqx.combine(unravel_theta(theta), split.fixed)
-            return problem.f_flat(-sigma, z, params, direction)
+        def f(z, diff):
+            return self.base.f_flat(t, z, eqx.combine(diff, fixed), base_direction)
 
-        fz, vjp = jax.vjp(f, z, theta)
-        a_dz, a_dtheta = vjp(a)
-        return jnp.concatenate([-fz, a_dz, a_dtheta.astype(state.dtype)])
-
-    return field
+        fz, vjp = jax.vjp(f, z, diff)
+        a_dz, a_ddiff = vjp(a)
+        a_dtheta, _ = ravel_pytree(a_ddiff)
+        out = jnp.concatenate([fz, -a_dz, -a_dtheta.astype(state.dtype)])
+        return direction * out
 
 
 class BacksolveAdjoint(AbstractAdjoint):
@@ -155,7 +191,8 @@ class BacksolveAdjoint(AbstractAdjoint):
     checkpoint time z is reset to the stored forward state, so the reverse-time
     reconstruction of z cannot drift away on long horizons where the forward
     flow contracts. Memory is O(len(ts) + checkpoints), independent of the
-    number of steps.
+    number of steps. Each backward solve is itself differentiable, so gradients
+    of gradients work.
 
     A `custom_vjp` blocks forward-mode differentiation (`jax.jvp`,
     `jax.jacfwd`): use `ForwardMode()` for those.
@@ -167,7 +204,8 @@ class BacksolveAdjoint(AbstractAdjoint):
       (Kidger, Chen & Lyons 2021). The norm is the maximum of the per-group RMS
       norms of z, a (and g), so the seminorm never takes more steps.
     - `checkpoints`: extra evenly spaced forward states kept for resetting z
-      (default 8; 0 keeps only the outputs).
+      (default 8; 0 keeps only the outputs). Each costs one stored state and
+      a stop of the backward solve.
 
     References: Chen, Rubanova, Bettencourt & Duvenaud (2018), "Neural ordinary
     differential equations"; Kidger, Chen & Lyons (2021), "'Hey, that's not an
@@ -190,13 +228,14 @@ class BacksolveAdjoint(AbstractAdjoint):
                 f"BacksolveAdjoint: checkpoints must be >= 0, got {self.checkpoints}"
             )
 
-    def backward_config(self, config: SolverConfig) -> SolverConfig:
+    def _backward_config(self, config: SolverConfig, n: int, p: int) -> SolverConfig:
         rtol = config.rtol if self.rtol is None else float(self.rtol)
         atol = config.atol if self.atol is None else float(self.atol)
         if rtol == 0 and atol == 0:
             raise ValueError("BacksolveAdjoint: rtol and atol cannot both be zero")
+        groups = (n, n) if self.seminorm else (n, n, p)
         return SolverConfig(
-            config.solver, config.controller, rtol, atol, None, config.max_steps
+            config.solver, config.controller, rtol, atol, None, config.max_steps, groups
         )
 
     def _grid(self, tau: Array) -> tuple[Array, Array]:
@@ -210,127 +249,103 @@ class BacksolveAdjoint(AbstractAdjoint):
         rank = jnp.argsort(order, stable=True)
         return merged[order], rank[:n_out]
 
-    def loop(self, config, problem, params, y0, ts):
+    def loop(self, config, problem, params, y0, ts, h0=None):
         direction, tau = _direction_and_tau(ts)
         params_arrays, params_static = eqx.partition(params, eqx.is_array)
 
-        @jax.custom_vjp
-        def solve(params_arrays, y0, tau):
-            return self._forward(
-                config, problem, params_arrays, params_static, direction, y0, tau
-            )[:2]
-
-        def fwd(params_arrays, y0, tau):
-            ys, stats, ys_grid = self._forward(
-                config, problem, params_arrays, params_static, direction, y0, tau
-            )
-            return (ys, stats), (params_arrays, tau, ys_grid)
-
-        def bwd(residuals, cotangents):
-            params_arrays, tau, ys_grid = residuals
-            ys_bar = cotangents[0]
+        def forward(params_arrays, y0, tau, direction, h0):
             params = eqx.combine(params_arrays, params_static)
-            (params_bar, y0_bar, tau_bar), stats = self.backward(
-                config, problem, params, direction, tau, ys_grid, ys_bar
+            f = lambda t, y: problem.f_flat(t, y, params, direction)
+            return integrate(config, f, y0, self._grid(tau)[0], h0)
+
+        def backward(ys_grid, params_arrays, y0, tau, direction, ys_grid_bar):
+            params = eqx.combine(params_arrays, params_static)
+            cotangents, stats = self.backward(
+                config, problem, params, direction, tau, ys_grid, ys_grid_bar
             )
             raise_if_failed(
-                stats,
-                -direction,
-                tau[-1] * direction,
-                tau[0] * direction,
-                config.max_steps,
-                type(config.solver).__name__,
+                stats, -direction, direction * tau[-1], direction * tau[0],
+                config.max_steps, type(config.solver).__name__,
                 "backward (adjoint) solve",
-            )
-            return _parameter_cotangents(params_bar, params_arrays), y0_bar, tau_bar
+            )  # fmt: skip
+            return cotangents
 
-        solve.defvjp(fwd, bwd)
-        return solve(params_arrays, y0, tau)
-
-    def _forward(
-        self, config, problem, params_arrays, params_static, direction, y0, tau
-    ):
-        params = eqx.combine(params_arrays, params_static)
-        f = lambda t, y: problem.f_flat(t, y, params, direction)
-        grid, out_index = self._grid(tau)
-        ys_grid, stats = integrate(config, f, rms_norm, y0, grid)
-        return ys_grid[out_index], stats, ys_grid
+        solve = _custom_vjp_loop(forward, backward)
+        h0 = _first_step_argument(h0, tau)
+        ys_grid, stats = solve(params_arrays, y0, tau, direction, h0)
+        return ys_grid[self._grid(tau)[1]], stats
 
     def backward(
         self,
         config: SolverConfig,
-        problem: ODEProblem,
+        problem: Any,
         params: PyTree,
         direction: Array,
         tau: Array,
         ys_grid: Array,
-        ys_bar: Array,
+        ys_grid_bar: Array,
     ) -> tuple[tuple[PyTree, Array, Array], LoopStats]:
-        """Integrate the adjoint system from tau[-1] back to tau[0].
+        """Integrate the adjoint system from the last grid time back to the first.
+
+        `ys_grid` are the forward states on `self._grid(tau)` (outputs and
+        checkpoints) and `ys_grid_bar` their cotangents.
 
         **Returns:** `((params_bar, y0_bar, tau_bar), stats)`, `params_bar` holding
         cotangents for the inexact array leaves of `params` (None elsewhere).
         """
-        split = _split_params(params)
-        theta, unravel_theta = ravel_pytree(split.diff)
-        n = ys_grid.shape[1]
-        p = theta.shape[0]
+        diff = eqx.filter(params, eqx.is_inexact_array)
+        theta, unravel_theta = ravel_pytree(diff)
+        n, p = ys_grid.shape[1], theta.shape[0]
         dtype = ys_grid.dtype
-        grid, out_index = self._grid(tau)
-        ys_bar_grid = jnp.zeros_like(ys_grid).at[out_index].add(ys_bar)
-        field = _augmented_field(problem, split, direction, n)
-        bconfig = self.backward_config(config)
-        norm = grouped_rms_norm((n, n) if self.seminorm else (n, n, p))
+        grid, grid_vjp = jax.vjp(lambda tau: self._grid(tau)[0], tau)
+        adjoint_problem = AdjointProblem(problem, n)
+        adjoint_params = (params, direction)
+        bconfig = self._backward_config(config, n, p)
+        # The backward solves use a plain backsolve (no checkpoints of their
+        # own); being custom_vjp solves themselves, they can be differentiated.
+        inner = BacksolveAdjoint(self.rtol, self.atol, self.seminorm, checkpoints=0)
         last = grid.shape[0] - 1
-
-        def start(k, a):
-            """The backward state at grid[k]: z reset to the forward checkpoint."""
-            return jnp.concatenate(
-                [ys_grid[k], a + ys_bar_grid[k], jnp.zeros(p, dtype)]
-            )
 
         def interval(i, carry):
             a, g, h, stats = carry
             k = last - i
-            sigma = -jnp.stack([grid[k], grid[k - 1]])
-            out, st = integrate(
-                bconfig, field, norm, start(k, a), sigma, h0=h, diagnose_stiffness=False
+            # z is reset to the forward checkpoint; a collects ȳ at grid[k].
+            a = a + ys_grid_bar[k]
+            state = jnp.concatenate([ys_grid[k], a, jnp.zeros(p, dtype)])
+            span = jnp.stack([grid[k], grid[k - 1]])
+            out, st = inner.loop(
+                bconfig, adjoint_problem, adjoint_params, state, span, h
             )
             end = out[-1]
             failed_before = stats.result != RESULTS.successful
+            keep = lambda old, new: jnp.where(failed_before, old, new)
             stats = LoopStats(
                 num_steps=stats.num_steps + st.num_steps,
                 num_accepted=stats.num_accepted + st.num_accepted,
                 num_fevals=stats.num_fevals + st.num_fevals,
-                result=jnp.where(failed_before, stats.result, st.result),
-                t_reached=jnp.where(failed_before, stats.t_reached, st.t_reached),
-                h_last=jnp.where(failed_before, stats.h_last, st.h_last),
-                stiffness=jnp.where(failed_before, stats.stiffness, st.stiffness),
+                result=keep(stats.result, st.result),
+                t_reached=keep(stats.t_reached, st.t_reached),
+                h_last=keep(stats.h_last, st.h_last),
+                stiffness=keep(stats.stiffness, st.stiffness),
             )
             h_next = jnp.where(st.num_accepted > 0, jnp.abs(st.h_last), h)
-            return end[n : 2 * n], g + end[2 * n :], h_next, stats
+            return end[n : 2 * n], g + end[2 * n :], lax.stop_gradient(h_next), stats
 
-        state0 = start(last, jnp.zeros(n, dtype))
-        sigma0 = -grid[last]
-        h0, init_fevals = first_step(
-            bconfig,
-            field,
-            norm,
-            sigma0,
-            state0,
-            field(sigma0, state0),
-            jnp.abs(grid[last] - grid[0]),
-        )
         zero = jnp.zeros((), jnp.int32)
-        real = jnp.real(jnp.zeros((), dtype)).dtype
-        stats0 = LoopStats(
-            zero, zero, zero + 1 + init_fevals, zero, sigma0, h0, jnp.zeros((), real)
+        nan = jnp.full((), jnp.nan, jnp.real(jnp.zeros((), dtype)).dtype)
+        stats0 = LoopStats(zero, zero, zero, zero, -grid[last], nan, nan)
+        init = (
+            jnp.zeros(n, dtype),
+            jnp.zeros(p, dtype),
+            jnp.zeros((), tau.dtype),
+            stats0,
         )
-        init = (jnp.zeros(n, dtype), jnp.zeros(p, dtype), h0, stats0)
         a, g, _, stats = lax.fori_loop(0, last, interval, init)
-        f = lambda t, y: problem.f_flat(t, y, params, direction)
-        tau_bar = _output_time_cotangents(f, tau, ys_grid[out_index], ys_bar, a)
-        y0_bar = a + ys_bar_grid[0]
+        grid_bar = _time_cotangents(
+            problem, params, direction, grid, ys_grid, ys_grid_bar, a
+        )
+        (tau_bar,) = grid_vjp(grid_bar)
+        y0_bar = a + ys_grid_bar[0]
         return (unravel_theta(g), y0_bar, tau_bar), stats
 
 
@@ -353,48 +368,43 @@ class CheckpointAdjoint(AbstractAdjoint):
     ∂L/∂t_i = ȳ_i·f(t_i, y_i) (and -a(t_0)·f(t_0, y_0) for t_0).
 
     A `custom_vjp` blocks forward-mode differentiation: use `ForwardMode()` for
-    `jax.jvp`/`jax.jacfwd`.
+    `jax.jvp`/`jax.jacfwd`. Its reverse sweep is a `while_loop`, so it gives
+    first derivatives only; use `BacksolveAdjoint` for gradients of gradients.
     """
 
-    def loop(self, config, problem, params, y0, ts):
+    def loop(self, config, problem, params, y0, ts, h0=None):
         direction, tau = _direction_and_tau(ts)
         params_arrays, params_static = eqx.partition(params, eqx.is_array)
 
-        def forward(params_arrays, y0, tau):
+        def forward(params_arrays, y0, tau, direction, h0):
             params = eqx.combine(params_arrays, params_static)
             f = lambda t, y: problem.f_flat(t, y, params, direction)
-            return integrate(config, f, rms_norm, y0, tau, record_steps=True)
+            ys, stats, record = integrate(config, f, y0, tau, h0, record_steps=True)
+            return (ys, record), stats
 
-        @jax.custom_vjp
-        def solve(params_arrays, y0, tau):
-            return forward(params_arrays, y0, tau)[:2]
-
-        def fwd(params_arrays, y0, tau):
-            ys, stats, record = forward(params_arrays, y0, tau)
-            return (ys, stats), (params_arrays, y0, tau, ys, record)
-
-        def bwd(residuals, cotangents):
-            params_arrays, y0, tau, ys, record = residuals
+        def backward(residual, params_arrays, y0, tau, direction, cotangent):
+            ys, record = residual
             params = eqx.combine(params_arrays, params_static)
-            params_bar, y0_bar, tau_bar = self.backward(
-                config, problem, params, direction, tau, ys, record, cotangents[0]
+            return self.backward(
+                config, problem, params, direction, tau, ys, record, cotangent[0]
             )
-            return _parameter_cotangents(params_bar, params_arrays), y0_bar, tau_bar
 
-        solve.defvjp(fwd, bwd)
-        return solve(params_arrays, y0, tau)
+        solve = _custom_vjp_loop(forward, backward)
+        h0 = _first_step_argument(h0, tau)
+        (ys, _), stats = solve(params_arrays, y0, tau, direction, h0)
+        return ys, stats
 
     @staticmethod
     def backward(config, problem, params, direction, tau, ys, record, ys_bar):
         """Reverse sweep over the recorded steps; returns the three cotangents."""
-        split = _split_params(params)
-        theta, unravel_theta = ravel_pytree(split.diff)
+        diff, fixed = eqx.partition(params, eqx.is_inexact_array)
+        theta, unravel_theta = ravel_pytree(diff)
         n_out = tau.shape[0]
         solver = config.solver
         real = jnp.real(ys).dtype
 
         def step(y, theta, t, t_new):
-            p = eqx.combine(unravel_theta(theta), split.fixed)
+            p = eqx.combine(unravel_theta(theta), fixed)
             f = lambda s, x: problem.f_flat(s, x, p, direction)
             result = solver.step(f, t, y, f(t, y), t_new - t)
             return result.y1, result.dense
@@ -404,11 +414,7 @@ class CheckpointAdjoint(AbstractAdjoint):
             t, t_new = record.times[k], record.times[k + 1]
             y = record.y_starts[k]
             h = (t_new - t).astype(real)
-            first = jnp.searchsorted(tau, t, side="right")
-            y1_bar = a
-            y_bar = jnp.zeros_like(a)
-            (y1, dense), vjp = jax.vjp(lambda y, th: step(y, th, t, t_new), y, theta)
-            dense_bar = jnp.zeros_like(dense)
+            (_, dense), vjp = jax.vjp(lambda y, th: step(y, th, t, t_new), y, theta)
 
             # Cotangents of the outputs this step wrote: ys[i] = y1 at the step's
             # end, else y + Σ_p θ^(p+1) dense[p].
@@ -427,15 +433,17 @@ class CheckpointAdjoint(AbstractAdjoint):
                 dense_bar = dense_bar + jnp.where(at_end, 0, powers[:, None] * bar)
                 return i + 1, y1_bar, y_bar, dense_bar
 
-            _, y1_bar, y_bar, dense_bar = lax.while_loop(
-                out_cond, out_body, (first, y1_bar, y_bar, dense_bar)
-            )
+            first = jnp.searchsorted(tau, t, side="right").astype(jnp.int32)
+            init = (first, a, jnp.zeros_like(a), jnp.zeros_like(dense))
+            _, y1_bar, y_bar, dense_bar = lax.while_loop(out_cond, out_body, init)
             y_bar_step, theta_bar = vjp((y1_bar, dense_bar))
             return k - 1, y_bar + y_bar_step, g + theta_bar
 
-        dtype = ys.dtype
-        init = (record.count - 1, jnp.zeros(ys.shape[1], dtype), jnp.zeros_like(theta))
+        init = (
+            record.count - 1,
+            jnp.zeros(ys.shape[1], ys.dtype),
+            jnp.zeros_like(theta),
+        )
         _, a, g = lax.while_loop(lambda c: c[0] >= 0, body, init)
-        f = lambda t, y: problem.f_flat(t, y, params, direction)
-        tau_bar = _output_time_cotangents(f, tau, ys, ys_bar, a)
+        tau_bar = _time_cotangents(problem, params, direction, tau, ys, ys_bar, a)
         return unravel_theta(g), a + ys_bar[0], tau_bar

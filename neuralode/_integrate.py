@@ -21,7 +21,9 @@ from ._controller import (
     Norm,
     PIController,
     error_scale,
+    grouped_rms_norm,
     initial_step,
+    rms_norm,
 )
 from ._solution import RESULTS
 from ._solvers import AbstractSolver
@@ -39,11 +41,19 @@ class SolverConfig(eqx.Module):
     atol: float = eqx.field(static=True)
     dt0: float | None = eqx.field(static=True)
     max_steps: int = eqx.field(static=True)
+    norm_groups: tuple[int, ...] | None = eqx.field(default=None, static=True)
 
     @property
     def adaptive(self) -> bool:
         """Whether steps are chosen by error control (else all of size dt0)."""
         return self.solver.adaptive and isinstance(self.controller, PIController)
+
+    @property
+    def norm(self) -> Norm:
+        """RMS over all components, or the max of per-group RMS norms."""
+        if self.norm_groups is None:
+            return rms_norm
+        return grouped_rms_norm(self.norm_groups)
 
 
 class Attempt(NamedTuple):
@@ -63,7 +73,6 @@ class Attempt(NamedTuple):
 def attempt_step(
     config: SolverConfig,
     f: FlatField,
-    norm: Norm,
     t: Array,
     y: Array,
     f0: Array,
@@ -92,7 +101,7 @@ def attempt_step(
     finite = jnp.isfinite(jnp.sum(jnp.real(step.y1)))
     if config.adaptive:
         scale = error_scale(y, step.y1, config.rtol, config.atol)
-        err = lax.stop_gradient(norm(step.y_error / scale))
+        err = lax.stop_gradient(config.norm(step.y_error / scale))
         finite = finite & jnp.isfinite(err)
         accept = finite & (err <= 1.0)
         factor = config.controller.factor(err, err_prev, accept, solver.error_exponent)
@@ -193,34 +202,39 @@ class StepRecord(NamedTuple):
 def first_step(
     config: SolverConfig,
     f: FlatField,
-    norm: Norm,
     t0: Array,
     y0: Array,
     f0: Array,
     t_span: Array,
-) -> tuple[Array, int]:
-    """The first step size and the number of f evaluations it cost."""
+    h0: Array | None = None,
+) -> tuple[Array, Array]:
+    """The first step size and the number of f evaluations it cost.
+
+    A given `h0 > 0` is used as it is; `h0 <= 0` or None selects the step as
+    configured (`dt0`, else Hairer's algorithm).
+    """
+    zero = jnp.zeros((), jnp.int32)
     if config.dt0 is not None:
-        return jnp.asarray(config.dt0, t0.dtype), 0
-    assert config.adaptive
-    h0 = initial_step(
-        f,
-        t0,
-        y0,
-        f0,
-        t_span,
-        config.rtol,
-        config.atol,
-        config.solver.error_exponent,
-        norm,
-    )
-    return lax.stop_gradient(h0), 1
+        if h0 is None:
+            return jnp.asarray(config.dt0, t0.dtype), zero
+        return jnp.where(h0 > 0, h0, config.dt0).astype(t0.dtype), zero
+
+    def automatic():
+        h = initial_step(
+            f, t0, y0, f0, t_span, config.rtol, config.atol,
+            config.solver.error_exponent, config.norm,
+        )  # fmt: skip
+        return lax.stop_gradient(h).astype(t0.dtype), zero + 1
+
+    if h0 is None:
+        return automatic()
+    h0 = lax.stop_gradient(h0).astype(t0.dtype)
+    return lax.cond(h0 > 0, lambda: (h0, zero), automatic)
 
 
 def integrate(
     config: SolverConfig,
     f: FlatField,
-    norm: Norm,
     y0: Array,
     tau_out: Float[Array, " n_out"],
     h0: Array | None = None,
@@ -232,10 +246,9 @@ def integrate(
     **Arguments:**
 
     - `f`: the flat vector field f(τ, y).
-    - `norm`: the error norm of a scaled flat vector.
     - `y0`: the flat initial state at tau_out[0].
     - `tau_out`: increasing output times.
-    - `h0`: a first step size to use instead of the configured one.
+    - `h0`: a first step size to use instead of the configured one (if > 0).
     - `diagnose_stiffness`: on failure, estimate h·ρ(∂f/∂y) for the message
       (costs a Jacobian–vector product trace of f at compile time).
     - `record_steps`: also return a `StepRecord` of the accepted steps, in
@@ -248,10 +261,7 @@ def integrate(
     t_end = tau_out[-1]
     n_out = tau_out.shape[0]
     f0 = f(t0, y0)
-    if h0 is None:
-        h0, init_fevals = first_step(config, f, norm, t0, y0, f0, t_end - t0)
-    else:
-        init_fevals = 0
+    h0, init_fevals = first_step(config, f, t0, y0, f0, t_end - t0, h0)
     ys = jnp.zeros((n_out,) + y0.shape, y0.dtype).at[0].set(y0)
     real = jnp.real(y0).dtype
 
@@ -280,7 +290,6 @@ def integrate(
         attempt = attempt_step(
             config,
             f,
-            norm,
             state.t,
             state.y,
             state.f0,

@@ -7,12 +7,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, ArrayLike, PyTree
 
 from ._adjoint import AbstractAdjoint, BacksolveAdjoint
 from ._controller import ConstantStepSize, PIController
 from ._failure import raise_if_failed
-from ._integrate import SolverConfig
+from ._integrate import LoopStats, SolverConfig, integrate
 from ._problem import check_steps, check_tolerances, check_ts, make_problem
 from ._solution import Solution
 from ._solvers import AbstractSolver, Dopri5
@@ -63,6 +64,30 @@ def solve(
     **Returns:** a `Solution` with `ts`, `ys` (leading axis `len(ts)`), `stats` and
     `result`.
     """
+    config, problem, params, y0_flat, ts = _prepare(
+        f, y0, ts, args, solver, rtol, atol, dt0, max_steps, adjoint, controller
+    )
+    ys_flat, stats = adjoint.loop(config, problem, params, y0_flat, ts)
+    if throw:
+        direction = jnp.sign(ts[-1] - ts[0])
+        raise_if_failed(
+            stats, direction, ts[0], ts[-1], config.max_steps, type(solver).__name__
+        )
+    ys = jax.vmap(problem.unravel)(ys_flat)
+    return Solution(ts=ts, ys=ys, stats=_stats_dict(stats), result=stats.result)
+
+
+def _stats_dict(stats: LoopStats) -> dict[str, Array]:
+    return {
+        "num_steps": stats.num_steps,
+        "num_accepted": stats.num_accepted,
+        "num_rejected": stats.num_steps - stats.num_accepted,
+        "num_fevals": stats.num_fevals,
+    }
+
+
+def _prepare(f, y0, ts, args, solver, rtol, atol, dt0, max_steps, adjoint, controller):
+    """Check every input at trace time and flatten the problem."""
     ts = check_ts(ts)
     rtol, atol = check_tolerances(rtol, atol)
     if not isinstance(controller, PIController | ConstantStepSize):
@@ -80,20 +105,60 @@ def solve(
     time_dtype = jnp.result_type(ts.dtype, jnp.real(y0_flat).dtype)
     ts = ts.astype(time_dtype)
     config = SolverConfig(solver, controller, rtol, atol, dt0, int(max_steps))
-    ys_flat, stats = adjoint.loop(config, problem, params, y0_flat, ts)
-    if throw:
-        direction = jnp.sign(ts[-1] - ts[0])
-        raise_if_failed(
-            stats, direction, ts[0], ts[-1], config.max_steps, type(solver).__name__
+    return config, problem, params, y0_flat, ts
+
+
+def backward_stats(
+    f: Callable,
+    y0: PyTree[ArrayLike],
+    ts: ArrayLike,
+    args: PyTree = None,
+    *,
+    loss: Callable[[PyTree], Array] | None = None,
+    solver: AbstractSolver = Dopri5(),
+    rtol: float = 1e-6,
+    atol: float = 1e-8,
+    dt0: float | None = None,
+    max_steps: int = 4096,
+    adjoint: BacksolveAdjoint = BacksolveAdjoint(),
+    controller: PIController | ConstantStepSize = PIController(),
+) -> dict[str, Array]:
+    """Step and evaluation counts of the backward pass of `BacksolveAdjoint`.
+
+    Solves forward, takes the cotangent ȳ = ∂loss/∂ys (default loss: Σ ys²/2 of
+    every leaf, i.e. ȳ = ys), and runs exactly the backward pass that `jax.grad`
+    would run, returning its statistics instead of the gradient. Jittable.
+
+    **Arguments:** those of `solve`, plus `loss` (a scalar function of `ys`).
+
+    **Returns:** a dict of integer arrays `num_steps`, `num_accepted`,
+    `num_rejected`, `num_fevals` (evaluations of the augmented field, each one
+    `jax.vjp` of f) and `result` (0 on success).
+    """
+    if not isinstance(adjoint, BacksolveAdjoint):
+        raise TypeError(
+            "neuralode: backward_stats measures BacksolveAdjoint's backward pass; "
+            f"got adjoint={adjoint!r}"
         )
-    ys = jax.vmap(problem.unravel)(ys_flat)
-    stats_dict = {
-        "num_steps": stats.num_steps,
-        "num_accepted": stats.num_accepted,
-        "num_rejected": stats.num_steps - stats.num_accepted,
-        "num_fevals": stats.num_fevals,
-    }
-    return Solution(ts=ts, ys=ys, stats=stats_dict, result=stats.result)
+    config, problem, params, y0_flat, ts = _prepare(
+        f, y0, ts, args, solver, rtol, atol, dt0, max_steps, adjoint, controller
+    )
+    direction = jnp.sign(ts[-1] - ts[0])
+    tau = direction * ts
+    grid, out_index = adjoint._grid(tau)
+    f_flat = lambda t, y: problem.f_flat(t, y, params, direction)
+    ys_grid, _ = integrate(config, f_flat, y0_flat, grid)
+    ys_flat = ys_grid[out_index]
+    if loss is None:
+        ys_bar = ys_flat
+    else:
+        ys_tree = jax.vmap(problem.unravel)(ys_flat)
+        ys_bar = jax.vmap(lambda y: ravel_pytree(y)[0])(jax.grad(loss)(ys_tree))
+    ys_grid_bar = jnp.zeros_like(ys_grid).at[out_index].add(ys_bar)
+    _, stats = adjoint.backward(
+        config, problem, params, direction, tau, ys_grid, ys_grid_bar
+    )
+    return {**_stats_dict(stats), "result": stats.result}
 
 
 def odeint(
