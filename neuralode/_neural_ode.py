@@ -10,9 +10,10 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, PyTree
 
-from ._adjoint import BacksolveAdjoint
+from ._adjoint import AbstractAdjoint, BacksolveAdjoint
+from ._solution import Solution
 from ._solve import odeint, solve
-from ._solvers import Dopri5
+from ._solvers import AbstractSolver, Dopri5
 
 
 def _float_dtype(tree):
@@ -65,10 +66,10 @@ class NeuralODE(eqx.Module):
     field: Callable[..., PyTree]
     t0: float
     t1: float
-    solver: Any
+    solver: AbstractSolver
     rtol: float
     atol: float
-    adjoint: Any
+    adjoint: AbstractAdjoint
     dt0: float | None
     max_steps: int = eqx.field(static=True)
     augment: int = eqx.field(static=True)
@@ -79,10 +80,10 @@ class NeuralODE(eqx.Module):
         *,
         t0: float = 0.0,
         t1: float = 1.0,
-        solver: Any = None,
+        solver: AbstractSolver | None = None,
         rtol: float = 1e-3,
         atol: float = 1e-6,
-        adjoint: Any = None,
+        adjoint: AbstractAdjoint | None = None,
         dt0: float | None = None,
         max_steps: int = 4096,
         augment: int = 0,
@@ -183,7 +184,7 @@ class NeuralODE(eqx.Module):
         args: Any = None,
         *,
         throw: bool = True,
-    ):
+    ) -> Solution:
         """Like `trajectory` but return the full `Solution` (with step statistics).
 
         **Arguments:**

@@ -197,4 +197,13 @@ def make_problem(
         return lambda t, y, args: converted(field_arrays, t, y, args, *consts)
 
     problem = ODEProblem(field=field, unravel=unravel)
-    return problem, (field_arrays, args, list(consts)), y0_flat
+    params = jax.tree.map(_as_array, (field_arrays, args, list(consts)))
+    return problem, params, y0_flat
+
+
+def _as_array(x: Any) -> Any:
+    """Numbers and NumPy arrays become JAX arrays, so that every numeric leaf of
+    the parameters is an explicit (possibly differentiable) input."""
+    if isinstance(x, bool | int | float | complex | np.ndarray | np.generic):
+        return jnp.asarray(x)
+    return x
