@@ -2,7 +2,7 @@
 
 import importlib.metadata
 
-from . import datasets as datasets
+from . import cnf as cnf, datasets as datasets, nn as nn, parallel as parallel
 from ._adjoint import (
     AbstractAdjoint as AbstractAdjoint,
     BacksolveAdjoint as BacksolveAdjoint,
@@ -14,6 +14,7 @@ from ._controller import (
     PIController as PIController,
 )
 from ._failure import SolveError as SolveError
+from ._neural_ode import NeuralODE as NeuralODE
 from ._solution import RESULTS as RESULTS, Solution as Solution
 from ._solve import (
     backward_stats as backward_stats,
@@ -31,5 +32,6 @@ from ._solvers import (
     Tsit5 as Tsit5,
 )
 from ._tableaus import ButcherTableau as ButcherTableau
+from .cnf import CNF as CNF
 
 __version__ = importlib.metadata.version("neuralode")

@@ -1,8 +1,19 @@
-"""`python -m neuralode`: the command line (a demo until the experiments land)."""
+"""`python -m neuralode` (or `neuralode`): run the paper's experiments.
+
+    python -m neuralode digits                 # ODE-Net on 8x8 digits
+    python -m neuralode cnf --reg kinetic,jacobian
+    python -m neuralode spiral --steps 3000
+    python -m neuralode digits --resume runs/digits-20250101-120000 --steps 2000
+    python -m neuralode demo                   # solve Van der Pol and print it
+
+Every experiment writes metrics.json, PNG plots, config.json and an equinox
+checkpoint into --out (default runs/<experiment>-<timestamp>/).
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -10,35 +21,84 @@ def _demo(args: argparse.Namespace) -> int:
     import jax
     import jax.numpy as jnp
 
-    jax.config.update("jax_enable_x64", True)
     import neuralode as no
 
     def van_der_pol(t, y, mu):
         return jnp.stack([y[1], mu * (1 - y[0] ** 2) * y[1] - y[0]])
 
     ts = jnp.linspace(0.0, 20.0, 5)
-    sol = jax.jit(lambda y0: no.solve(van_der_pol, y0, ts, 1.0, rtol=1e-8, atol=1e-10))(
+    sol = jax.jit(lambda y0: no.solve(van_der_pol, y0, ts, 1.0, rtol=1e-6, atol=1e-8))(
         jnp.array([2.0, 0.0])
     )
-    print("Van der Pol (mu=1) with Dopri5, rtol=1e-8:")
+    print("Van der Pol (mu=1) with Dopri5, rtol=1e-6:")
     for t, y in zip(ts, sol.ys, strict=True):
-        print(f"  t={float(t):5.1f}  x={float(y[0]): .8f}  v={float(y[1]): .8f}")
-    stats = {k: int(v) for k, v in sol.stats.items()}
-    print(f"  stats: {stats}")
+        print(f"  t={float(t):5.1f}  x={float(y[0]): .6f}  v={float(y[1]): .6f}")
+    print(f"  stats: { {k: int(v) for k, v in sol.stats.items()} }")
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def _build_parser() -> tuple[argparse.ArgumentParser, dict]:
+    from neuralode.experiments import EXPERIMENTS
+
     parser = argparse.ArgumentParser(
-        prog="neuralode", description="neuralode experiments and demos"
+        prog="neuralode",
+        description="Reproduce the neural ODE paper's demonstrations.",
+        epilog="Run `neuralode <command> --help` for an experiment's options.",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("demo", help="solve Van der Pol and print the result")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    subparsers = {}
+    for name, module in EXPERIMENTS.items():
+        subparsers[name] = sub.add_parser(
+            name,
+            help=module.HELP,
+            description=(module.__doc__ or "").split("\n\n")[0],
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
+        module.add_arguments(subparsers[name])
+    sub.add_parser("demo", help="solve the Van der Pol equation and print it")
+    return parser, subparsers
+
+
+def _force_host_devices(num: int | None) -> None:
+    """Ask XLA for `num` CPU devices; only effective before JAX initialises."""
+    if not num or num < 2:
+        return
+    flag = f"--xla_force_host_platform_device_count={num}"
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {flag}".strip()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse `argv` (default `sys.argv[1:]`), run the command, return its status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # Before the experiments (and so JAX) are imported: --devices on CPU needs
+    # XLA_FLAGS set before the backend starts.
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--devices", type=int, default=None)
+    known, _ = pre.parse_known_args(argv)
+    _force_host_devices(known.devices)
+
+    parser, subparsers = _build_parser()
     args = parser.parse_args(argv)
     if args.command == "demo":
         return _demo(args)
-    parser.error(f"unknown command {args.command}")
-    return 2
+
+    from neuralode.experiments import EXPERIMENTS, start_run
+    from neuralode.experiments._run import config_option_defaults
+
+    if args.resume is not None:
+        # The resumed run's options become the defaults; explicit ones win.
+        try:
+            defaults = config_option_defaults(args.resume)
+        except FileNotFoundError as e:
+            parser.error(str(e))
+        subparsers[args.command].set_defaults(**defaults)
+        args = parser.parse_args(argv)
+
+    ctx = start_run(args.command, args)
+    ctx.finish(EXPERIMENTS[args.command].run(ctx))
+    return 0
 
 
 if __name__ == "__main__":

@@ -67,6 +67,15 @@ class ForwardMode(AbstractAdjoint):
 # Shared pieces: parameters and the cotangents of the output times.
 
 
+def _as_arrays(tree: PyTree) -> PyTree:
+    """JAX may hand a custom rule Python-number literals for scalar inputs; make
+    them arrays so that they are recognised as (inexact) parameters."""
+    return jax.tree.map(
+        lambda x: jnp.asarray(x) if isinstance(x, bool | int | float | complex) else x,
+        tree,
+    )
+
+
 def _zero_cotangent(x):
     if eqx.is_inexact_array(x):
         return jnp.zeros_like(x)
@@ -105,8 +114,8 @@ def _time_cotangents(problem, params, direction, tau, ys, ys_bar, a0) -> Array:
 def _custom_vjp_loop(forward, backward):
     """A `custom_vjp` solve of (params_arrays, y0, tau, direction, h0).
 
-    `forward(...) -> (ys, stats)` and `backward(ys, params_arrays, y0, tau,
-    direction, ys_bar) -> (params_bar, y0_bar, tau_bar)`. The forward rule calls
+    `forward(...) -> (ys, stats)` and `backward(ys, stats, params_arrays, y0,
+    tau, direction, ys_bar) -> (params_bar, y0_bar, tau_bar)`. The forward rule calls
     the custom function itself, so that differentiating the backward pass again
     (gradients of gradients) goes through this same rule. Direction and first
     step get no gradient.
@@ -114,16 +123,17 @@ def _custom_vjp_loop(forward, backward):
 
     @jax.custom_vjp
     def solve(params_arrays, y0, tau, direction, h0):
-        return forward(params_arrays, y0, tau, direction, h0)
+        return forward(_as_arrays(params_arrays), y0, tau, direction, h0)
 
     def fwd(params_arrays, y0, tau, direction, h0):
         ys, stats = solve(params_arrays, y0, tau, direction, h0)
-        return (ys, stats), (ys, params_arrays, y0, tau, direction, h0)
+        return (ys, stats), (ys, stats, params_arrays, y0, tau, direction, h0)
 
     def bwd(residuals, cotangents):
-        ys, params_arrays, y0, tau, direction, h0 = residuals
+        ys, stats, params_arrays, y0, tau, direction, h0 = residuals
+        params_arrays = _as_arrays(params_arrays)
         params_bar, y0_bar, tau_bar = backward(
-            ys, params_arrays, y0, tau, direction, cotangents[0]
+            ys, stats, params_arrays, y0, tau, direction, cotangents[0]
         )
         params_bar = _parameter_cotangents(params_bar, params_arrays)
         return (
@@ -204,8 +214,11 @@ class BacksolveAdjoint(AbstractAdjoint):
       (Kidger, Chen & Lyons 2021). The norm is the maximum of the per-group RMS
       norms of z, a (and g), so the seminorm never takes more steps.
     - `checkpoints`: extra evenly spaced forward states kept for resetting z
-      (default 8; 0 keeps only the outputs). Each costs one stored state and
-      a stop of the backward solve.
+      (default 8; 0 keeps only the outputs). Each costs one stored state.
+    - `checkpoint_min_steps`: the backward solve stops to reset z at a
+      checkpoint only if the forward solve took at least this many steps from
+      there to the next grid time (default 16), so that short solves pay
+      nothing for checkpoints; output times are always stops.
 
     References: Chen, Rubanova, Bettencourt & Duvenaud (2018), "Neural ordinary
     differential equations"; Kidger, Chen & Lyons (2021), "'Hey, that's not an
@@ -217,6 +230,7 @@ class BacksolveAdjoint(AbstractAdjoint):
     atol: float | None = None
     seminorm: bool = eqx.field(default=True, static=True)
     checkpoints: int = eqx.field(default=8, static=True)
+    checkpoint_min_steps: int = eqx.field(default=16, static=True)
 
     def __check_init__(self):
         for name in ("rtol", "atol"):
@@ -256,18 +270,33 @@ class BacksolveAdjoint(AbstractAdjoint):
         def forward(params_arrays, y0, tau, direction, h0):
             params = eqx.combine(params_arrays, params_static)
             f = lambda t, y: problem.f_flat(t, y, params, direction)
-            return integrate(config, f, y0, self._grid(tau)[0], h0)
+            grid = self._grid(tau)[0]
+            record = self.checkpoints > 0
+            return integrate(config, f, y0, grid, h0, record_output_steps=record)
 
-        def backward(ys_grid, params_arrays, y0, tau, direction, ys_grid_bar):
+        def backward(
+            ys_grid, fwd_stats, params_arrays, y0, tau, direction, ys_grid_bar
+        ):
             params = eqx.combine(params_arrays, params_static)
             cotangents, stats = self.backward(
-                config, problem, params, direction, tau, ys_grid, ys_grid_bar
+                config,
+                problem,
+                params,
+                direction,
+                tau,
+                ys_grid,
+                ys_grid_bar,
+                fwd_stats.output_steps,
             )
             raise_if_failed(
-                stats, -direction, direction * tau[-1], direction * tau[0],
-                config.max_steps, type(config.solver).__name__,
+                stats,
+                -direction,
+                direction * tau[-1],
+                direction * tau[0],
+                config.max_steps,
+                type(config.solver).__name__,
                 "backward (adjoint) solve",
-            )  # fmt: skip
+            )
             return cotangents
 
         solve = _custom_vjp_loop(forward, backward)
@@ -284,11 +313,16 @@ class BacksolveAdjoint(AbstractAdjoint):
         tau: Array,
         ys_grid: Array,
         ys_grid_bar: Array,
+        output_steps: Array | None = None,
     ) -> tuple[tuple[PyTree, Array, Array], LoopStats]:
         """Integrate the adjoint system from the last grid time back to the first.
 
         `ys_grid` are the forward states on `self._grid(tau)` (outputs and
-        checkpoints) and `ys_grid_bar` their cotangents.
+        checkpoints), `ys_grid_bar` their cotangents and `output_steps` the
+        forward step count at each grid time. The solve stops at every output
+        time and at every checkpoint after which the forward solve took at least
+        `checkpoint_min_steps` steps; elsewhere a reset would cost more than the
+        drift it corrects.
 
         **Returns:** `((params_bar, y0_bar, tau_bar), stats)`, `params_bar` holding
         cotangents for the inexact array leaves of `params` (None elsewhere).
@@ -298,21 +332,25 @@ class BacksolveAdjoint(AbstractAdjoint):
         n, p = ys_grid.shape[1], theta.shape[0]
         dtype = ys_grid.dtype
         grid, grid_vjp = jax.vjp(lambda tau: self._grid(tau)[0], tau)
+        last = grid.shape[0] - 1
+        is_output = jnp.zeros(last + 1, bool).at[self._grid(tau)[1]].set(True)
+        if output_steps is None:
+            stops = is_output
+        else:
+            steps_after = jnp.diff(output_steps, append=output_steps[-1:])
+            stops = is_output | (steps_after >= self.checkpoint_min_steps)
         adjoint_problem = AdjointProblem(problem, n)
         adjoint_params = (params, direction)
         bconfig = self._backward_config(config, n, p)
         # The backward solves use a plain backsolve (no checkpoints of their
         # own); being custom_vjp solves themselves, they can be differentiated.
         inner = BacksolveAdjoint(self.rtol, self.atol, self.seminorm, checkpoints=0)
-        last = grid.shape[0] - 1
 
-        def interval(i, carry):
-            a, g, h, stats = carry
-            k = last - i
-            # z is reset to the forward checkpoint; a collects ȳ at grid[k].
-            a = a + ys_grid_bar[k]
-            state = jnp.concatenate([ys_grid[k], a, jnp.zeros(p, dtype)])
-            span = jnp.stack([grid[k], grid[k - 1]])
+        def solve_to(k, carry):
+            """From the current grid point back to grid[k], then reset z there."""
+            z, a, g, pos, h, stats = carry
+            state = jnp.concatenate([z, a, jnp.zeros(p, dtype)])
+            span = jnp.stack([grid[pos], grid[k]])
             out, st = inner.loop(
                 bconfig, adjoint_problem, adjoint_params, state, span, h
             )
@@ -328,25 +366,33 @@ class BacksolveAdjoint(AbstractAdjoint):
                 h_last=keep(stats.h_last, st.h_last),
                 stiffness=keep(stats.stiffness, st.stiffness),
             )
-            h_next = jnp.where(st.num_accepted > 0, jnp.abs(st.h_last), h)
-            return end[n : 2 * n], g + end[2 * n :], lax.stop_gradient(h_next), stats
+            h = lax.stop_gradient(jnp.where(st.num_accepted > 0, jnp.abs(st.h_last), h))
+            a = end[n : 2 * n] + ys_grid_bar[k]
+            return ys_grid[k], a, g + end[2 * n :], k.astype(jnp.int32), h, stats
+
+        def interval(i, carry):
+            k = (last - 1 - i).astype(jnp.int32)
+            return lax.cond(stops[k], solve_to, lambda k, carry: carry, k, carry)
 
         zero = jnp.zeros((), jnp.int32)
         nan = jnp.full((), jnp.nan, jnp.real(jnp.zeros((), dtype)).dtype)
         stats0 = LoopStats(zero, zero, zero, zero, -grid[last], nan, nan)
         init = (
-            jnp.zeros(n, dtype),
+            ys_grid[last],
+            ys_grid_bar[last],
             jnp.zeros(p, dtype),
+            last + zero,
             jnp.zeros((), tau.dtype),
             stats0,
         )
-        a, g, _, stats = lax.fori_loop(0, last, interval, init)
+        _, a, g, _, _, stats = lax.fori_loop(0, last, interval, init)
+        # The adjoint at grid[0] before ȳ_0 was added, for ∂L/∂τ_0.
+        a_before = a - ys_grid_bar[0]
         grid_bar = _time_cotangents(
-            problem, params, direction, grid, ys_grid, ys_grid_bar, a
+            problem, params, direction, grid, ys_grid, ys_grid_bar, a_before
         )
         (tau_bar,) = grid_vjp(grid_bar)
-        y0_bar = a + ys_grid_bar[0]
-        return (unravel_theta(g), y0_bar, tau_bar), stats
+        return (unravel_theta(g), a, tau_bar), stats
 
 
 # --------------------------------------------------------------------------
@@ -382,7 +428,7 @@ class CheckpointAdjoint(AbstractAdjoint):
             ys, stats, record = integrate(config, f, y0, tau, h0, record_steps=True)
             return (ys, record), stats
 
-        def backward(residual, params_arrays, y0, tau, direction, cotangent):
+        def backward(residual, _, params_arrays, y0, tau, direction, cotangent):
             ys, record = residual
             params = eqx.combine(params_arrays, params_static)
             return self.backward(

@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools as ft
 
 import jax
+import jax.lax as lax
+import jax.numpy as jnp
 import numpy as np
 
 from ._integrate import LoopStats
@@ -135,12 +137,12 @@ def raise_if_failed(
     """Raise `SolveError` at run time (under jit too) if the solve failed.
 
     `direction` maps the loop's time back to the user's (t = direction · τ).
+    The host callback runs only on failure (under `lax.cond`), once per solve
+    even under `vmap` (whose rule checks the whole batch in one call), and
+    outside the solver loop, so it neither slows a successful solve nor makes
+    the partitioner gather sharded state.
     """
-    raise_ = ft.partial(
-        _raise_on_failure, max_steps=max_steps, solver_name=solver_name, phase=phase
-    )
-    jax.debug.callback(
-        raise_,
+    values = (
         stats.result,
         direction * stats.t_reached,
         t0,
@@ -150,3 +152,37 @@ def raise_if_failed(
         stats.num_steps,
         stats.num_accepted,
     )
+    values = tuple(lax.stop_gradient(jnp.asarray(v)) for v in values)
+    _checker(max_steps, solver_name, phase)(*values)
+
+
+@ft.cache
+def _checker(max_steps: int, solver_name: str, phase: str):
+    raise_ = ft.partial(
+        _raise_on_failure, max_steps=max_steps, solver_name=solver_name, phase=phase
+    )
+
+    def call_on_failure(result, *rest):
+        failed = jnp.any(result != RESULTS.successful)
+        lax.cond(
+            failed,
+            lambda: jax.debug.callback(raise_, result, *rest),
+            lambda: None,
+        )
+
+    @jax.custom_batching.custom_vmap
+    def check(*values):
+        call_on_failure(*values)
+        return values[0]
+
+    @check.def_vmap
+    def check_batched(axis_size, in_batched, *values):
+        values = [
+            v if batched else jnp.broadcast_to(v, (axis_size,) + v.shape)
+            for v, batched in zip(values, in_batched, strict=True)
+        ]
+        # One call for the whole batch; nested vmaps recurse through `check`.
+        check(*values)
+        return values[0], True
+
+    return check

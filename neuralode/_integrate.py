@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import equinox as eqx
+import jax
 import jax.lax as lax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
@@ -171,6 +172,7 @@ class LoopStats(NamedTuple):
     t_reached: Float[Array, ""]
     h_last: Float[Array, ""]
     stiffness: Float[Array, ""]
+    output_steps: Int[Array, " n_out"] | None = None
 
 
 class _ForwardState(NamedTuple):
@@ -181,7 +183,10 @@ class _ForwardState(NamedTuple):
     err_prev: Array
     rejected_last: Array
     out_index: Array
-    ys: Array
+    slots: Array
+    slot_times: Array
+    written: Array
+    out_steps: Array | None
     num_steps: Array
     num_accepted: Array
     result: Array
@@ -221,15 +226,43 @@ def first_step(
 
     def automatic():
         h = initial_step(
-            f, t0, y0, f0, t_span, config.rtol, config.atol,
-            config.solver.error_exponent, config.norm,
-        )  # fmt: skip
+            f,
+            t0,
+            y0,
+            f0,
+            t_span,
+            config.rtol,
+            config.atol,
+            config.solver.error_exponent,
+            config.norm,
+        )
         return lax.stop_gradient(h).astype(t0.dtype), zero + 1
 
     if h0 is None:
         return automatic()
     h0 = lax.stop_gradient(h0).astype(t0.dtype)
     return lax.cond(h0 > 0, lambda: (h0, zero), automatic)
+
+
+def _read_outputs(final: _ForwardState, tau_out, t0, y0) -> tuple[Array, Array | None]:
+    """Evaluate each output from the slot of the step that covered it.
+
+    Output times equal to t0 are y0 exactly, the last one (when reached) is the
+    final state exactly, and outputs the solve never reached are NaN.
+    """
+    n_out = tau_out.shape[0]
+    index = jnp.arange(n_out, dtype=jnp.int32)
+    owner = lax.cummax(jnp.where(final.written, index, 0))
+    data = final.slots[owner]
+    start, h = final.slot_times[owner, 0], final.slot_times[owner, 1]
+    theta = ((tau_out - start) / h).astype(jnp.real(y0).dtype)
+    ys = jax.vmap(interp.evaluate)(data[:, 0], data[:, 1:], theta)
+    reached = index < final.out_index
+    ys = jnp.where(reached[:, None], ys, jnp.nan)
+    ys = jnp.where((index == n_out - 1)[:, None] & reached[-1], final.y, ys)
+    ys = jnp.where((tau_out == t0)[:, None], y0, ys)
+    out_steps = None if final.out_steps is None else final.out_steps[owner]
+    return ys, out_steps
 
 
 def integrate(
@@ -240,6 +273,7 @@ def integrate(
     h0: Array | None = None,
     record_steps: bool = False,
     diagnose_stiffness: bool = True,
+    record_output_steps: bool = False,
 ) -> tuple[Float[Array, "n_out n"], LoopStats] | tuple[Array, LoopStats, StepRecord]:
     """Solve from tau_out[0] to tau_out[-1] (increasing), returning y at tau_out.
 
@@ -251,6 +285,8 @@ def integrate(
     - `h0`: a first step size to use instead of the configured one (if > 0).
     - `diagnose_stiffness`: on failure, estimate h·ρ(∂f/∂y) for the message
       (costs a Jacobian–vector product trace of f at compile time).
+    - `record_output_steps`: fill `stats.output_steps[i]` with the number of
+      accepted steps taken up to output i.
     - `record_steps`: also return a `StepRecord` of the accepted steps, in
       buffers of length `max_steps` (memory linear in the step count).
 
@@ -262,26 +298,28 @@ def integrate(
     n_out = tau_out.shape[0]
     f0 = f(t0, y0)
     h0, init_fevals = first_step(config, f, t0, y0, f0, t_end - t0, h0)
-    ys = jnp.zeros((n_out,) + y0.shape, y0.dtype).at[0].set(y0)
     real = jnp.real(y0).dtype
+    degree = config.solver.dense_degree
 
-    def fill_outputs(state: _ForwardState, attempt: Attempt) -> tuple[Array, Array]:
-        """Write every output time in (t, t_new] from the step's interpolant."""
+    # Dense output without an inner loop: every attempt writes its step's
+    # interpolation data into the slot of the first output not yet covered
+    # (`out_index`), which then advances past the outputs an accepted step
+    # covers. The last write to a slot is therefore the step that covers it,
+    # and after the loop each output reads the slot of the step covering it.
+    search = "compare_all" if n_out <= 128 else "scan_unrolled"
 
-        def cond(carry):
-            index, _ = carry
-            t_out = tau_out[jnp.minimum(index, n_out - 1)]
-            return attempt.accept & (index < n_out) & (t_out <= attempt.t_new)
-
-        def body(carry):
-            index, ys = carry
-            t_out = tau_out[index]
-            theta = ((t_out - state.t) / attempt.h).astype(real)
-            value = interp.evaluate(state.y, attempt.dense, theta)
-            value = jnp.where(t_out == attempt.t_new, attempt.y1, value)
-            return index + 1, lax.dynamic_update_index_in_dim(ys, value, index, 0)
-
-        return lax.while_loop(cond, body, (state.out_index, state.ys))
+    def write_slot(state: _ForwardState, attempt: Attempt):
+        k = state.out_index
+        data = jnp.concatenate([state.y[None], attempt.dense])
+        slots = lax.dynamic_update_index_in_dim(state.slots, data, k, 0)
+        times = state.slot_times.at[k].set(jnp.stack([state.t, attempt.h]))
+        written = state.written.at[k].set(True)
+        out_steps = state.out_steps
+        if out_steps is not None:
+            out_steps = out_steps.at[k].set(state.num_accepted + 1)
+        covered = jnp.searchsorted(tau_out, attempt.t_new, side="right", method=search)
+        out_index = jnp.where(attempt.accept, covered.astype(jnp.int32), k)
+        return slots, times, written, out_steps, out_index
 
     def cond(state: _ForwardState) -> Array:
         return (state.t < t_end) & (state.result == RESULTS.successful)
@@ -298,7 +336,7 @@ def integrate(
             state.err_prev,
             state.rejected_last,
         )
-        out_index, ys = fill_outputs(state, attempt)
+        slots, slot_times, written, out_steps, out_index = write_slot(state, attempt)
         accept = attempt.accept
         t = jnp.where(accept, attempt.t_new, state.t)
         num_steps = state.num_steps + 1
@@ -317,7 +355,10 @@ def integrate(
             err_prev=jnp.where(accept, jnp.maximum(attempt.err, 1e-4), state.err_prev),
             rejected_last=~accept,
             out_index=out_index,
-            ys=ys,
+            slots=slots,
+            slot_times=slot_times,
+            written=written,
+            out_steps=out_steps,
             num_steps=num_steps,
             num_accepted=state.num_accepted + accept.astype(jnp.int32),
             result=failure_code(config, attempt, t, t_end, num_steps),
@@ -334,7 +375,10 @@ def integrate(
         err_prev=jnp.ones((), real),
         rejected_last=jnp.zeros((), bool),
         out_index=jnp.ones((), jnp.int32),
-        ys=ys,
+        slots=jnp.zeros((n_out, degree + 1) + y0.shape, y0.dtype),
+        slot_times=jnp.ones((n_out, 2), t0.dtype),
+        written=jnp.zeros(n_out, bool),
+        out_steps=jnp.zeros(n_out, jnp.int32) if record_output_steps else None,
         num_steps=zero,
         num_accepted=zero,
         result=zero,
@@ -350,8 +394,7 @@ def integrate(
         ),
     )
     final = lax.while_loop(cond, body, init)
-    # Output times equal to t0 (the first, or all of a zero-length interval).
-    ys = jnp.where((tau_out == t0)[:, None], y0, final.ys)
+    ys, output_steps = _read_outputs(final, tau_out, t0, y0)
     stats = LoopStats(
         num_steps=final.num_steps,
         num_accepted=final.num_accepted,
@@ -368,6 +411,7 @@ def integrate(
             if diagnose_stiffness
             else jnp.full((), jnp.nan, real)
         ),
+        output_steps=output_steps,
     )
     if record_steps:
         record = StepRecord(final.step_starts, final.step_times, final.num_accepted)

@@ -147,7 +147,10 @@ def backward_stats(
     tau = direction * ts
     grid, out_index = adjoint._grid(tau)
     f_flat = lambda t, y: problem.f_flat(t, y, params, direction)
-    ys_grid, _ = integrate(config, f_flat, y0_flat, grid)
+    record = adjoint.checkpoints > 0
+    ys_grid, forward = integrate(
+        config, f_flat, y0_flat, grid, record_output_steps=record
+    )
     ys_flat = ys_grid[out_index]
     if loss is None:
         ys_bar = ys_flat
@@ -156,7 +159,14 @@ def backward_stats(
         ys_bar = jax.vmap(lambda y: ravel_pytree(y)[0])(jax.grad(loss)(ys_tree))
     ys_grid_bar = jnp.zeros_like(ys_grid).at[out_index].add(ys_bar)
     _, stats = adjoint.backward(
-        config, problem, params, direction, tau, ys_grid, ys_grid_bar
+        config,
+        problem,
+        params,
+        direction,
+        tau,
+        ys_grid,
+        ys_grid_bar,
+        forward.output_steps,
     )
     return {**_stats_dict(stats), "result": stats.result}
 

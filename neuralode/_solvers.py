@@ -93,6 +93,13 @@ class AbstractSolver(eqx.Module):
         return 1.0 / (min(orders) + 1)
 
     @property
+    def dense_degree(self) -> int:
+        """The number of coefficient vectors of the step's interpolant."""
+        if self.interpolation == "polynomial":
+            return self.tableau.dense.shape[1]
+        return 3 if self.interpolation == "hermite" else 1
+
+    @property
     def fevals_per_step(self) -> int:
         return self.tableau.num_stages - 1 + (0 if self.tableau.fsal else 1)
 

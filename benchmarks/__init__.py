@@ -1,0 +1,17 @@
+"""Benchmarks of neuralode against diffrax, jax.experimental.ode and torchdiffeq.
+
+Run everything with ``python -m benchmarks.run`` (``--quick`` for a seconds-long
+smoke run) and the work–precision plot with ``python -m benchmarks.work_precision``.
+
+Modules:
+
+- `problems`: the benchmark problems, their sizes and their shared weights.
+- `fields`: the JAX vector fields (MLP, Van der Pol, CNF dynamics).
+- `reference`: float64 tight-tolerance reference solutions and gradients.
+- `timing`: wall-clock timing, the fori-loop "limit", function-evaluation counts
+  and compiled-memory queries.
+- `runners`: one module per library, each turning a problem into result rows.
+- `report`: the markdown table written to ``benchmarks/RESULTS.md``.
+- `run`: the command-line entry point that runs each (library, problem) pair in
+  its own single-threaded subprocess.
+"""

@@ -1,0 +1,230 @@
+"""The markdown report: one table per problem group plus a target check."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .problems import GROUP_NOTES
+from .runners import LIBRARY_LABELS
+
+_COLUMNS = (
+    "library",
+    "variant",
+    "task",
+    "median [min–max]",
+    "first call",
+    "NFE fwd",
+    "NFE bwd",
+    "steps",
+    "rel. error",
+    "time / limit",
+    "temp mem",
+    "note",
+)
+
+
+def fmt_time(seconds: float | None) -> str:
+    """Seconds as µs / ms / s with three significant digits."""
+    if seconds is None:
+        return "—"
+    for scale, unit in ((1.0, "s"), (1e-3, "ms"), (1e-6, "µs")):
+        if seconds >= 0.9995 * scale:  # so that 0.9996 s prints as 1 s
+            return f"{seconds / scale:.3g} {unit}"
+    return f"{seconds * 1e6:.3g} µs"
+
+
+def fmt_bytes(n: int | None) -> str:
+    """Bytes as B / KiB / MiB / GiB."""
+    if n is None:
+        return "—"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.3g} {unit}" if unit != "B" else f"{int(value)} B"
+        value /= 1024
+    return f"{n} B"
+
+
+def _fmt(value: Any, spec: str = "") -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def _row_cells(row: dict) -> list[str]:
+    if row["status"] == "skipped":
+        timing = "skipped"
+    elif row.get("time_median_s") is None:
+        timing = "**failed**"
+    else:
+        timing = (
+            f"{fmt_time(row['time_median_s'])} "
+            f"[{fmt_time(row['time_min_s'])}–{fmt_time(row['time_max_s'])}]"
+        )
+        if row["status"] == "failed":
+            timing = f"**failed** {timing}"
+    ratio = row.get("time_over_limit")
+    return [
+        LIBRARY_LABELS.get(row["library"], row["library"]),
+        row["variant"],
+        row["task"],
+        timing,
+        fmt_time(row.get("first_call_s")),
+        _fmt(row.get("nfe_fwd")),
+        _fmt(row.get("nfe_bwd")),
+        _fmt(row.get("steps")),
+        _fmt(row.get("error"), ".2e"),
+        "—" if ratio is None else f"{ratio:.2f}×",
+        fmt_bytes(row.get("temp_bytes")),
+        (row.get("message") or "").replace("|", "/"),
+    ]
+
+
+def _table(rows: list[dict]) -> list[str]:
+    lines = ["| " + " | ".join(_COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
+    lines += ["| " + " | ".join(_row_cells(r)) + " |" for r in rows]
+    return lines
+
+
+def _find(
+    rows: list[dict], problem: str, library: str, variant: str, task: str
+) -> dict | None:
+    for row in rows:
+        if (row["problem"], row["library"], row["variant"], row["task"]) == (
+            problem,
+            library,
+            variant,
+            task,
+        ):
+            return row if row.get("time_median_s") is not None else None
+    return None
+
+
+def _check(
+    label: str, value: float | None, bound: float, unit: str = "", note: str = ""
+) -> dict:
+    if value is None:
+        return {"target": label, "value": "n/a", "met": None}
+    shown = f"{value:.3g}{unit}" + (f" ({note})" if note else "")
+    return {"target": label, "value": shown, "met": value <= bound}
+
+
+def target_checks(rows: list[dict]) -> list[dict]:
+    """neuralode's targets, each with its measured value and whether it is met."""
+    checks = []
+    for problem, bound in (("mlp-fwd", 1.05), ("big-fwd", 1.05), ("vdp-dense", 3.0)):
+        row = _find(rows, problem, "neuralode", "dopri5", "fwd")
+        ratio = row.get("time_over_limit") if row else None
+        checks.append(_check(f"{problem}: time ≤ {bound:g}× limit", ratio, bound, "×"))
+
+    def relative(
+        problem: str, variant: str, rival: str, task: str, key: str, bound: float
+    ) -> None:
+        mine = _find(rows, problem, "neuralode", variant, task)
+        theirs = _find(rows, problem, "diffrax", rival, task)
+        ratio, note = None, ""
+        if mine and theirs and mine.get(key) and theirs.get(key):
+            ratio = mine[key] / theirs[key]
+            if key == "time_median_s":  # minima are less disturbed by other load
+                note = f"by min: {mine['time_min_s'] / theirs['time_min_s']:.3g}×"
+        name = "time" if key == "time_median_s" else "first call"
+        label = f"{problem} {task} ({variant}): {name} ≤ {bound:g}× diffrax {rival}"
+        checks.append(_check(label, ratio, bound, "×", note))
+
+    pairs = (("backsolve", "backsolve"), ("checkpoint", "recursive-checkpoint"))
+    for variant, rival in pairs:
+        relative("mlp-grad", variant, rival, "grad", "time_median_s", 0.8)
+        relative("mlp-grad", variant, rival, "grad", "first_call_s", 0.5)
+    cnf_rivals = {
+        "backsolve": "backsolve",
+        "checkpoint": "recursive-checkpoint",
+        "CNF": "backsolve",  # neuralode.CNF defaults to a backsolve adjoint
+    }
+    for variant, rival in cnf_rivals.items():
+        grad = _find(rows, "cnf", "neuralode", variant, "grad")
+        logp = _find(rows, "cnf", "neuralode", variant, "logp")
+        ratio = grad["time_median_s"] / logp["time_median_s"] if grad and logp else None
+        checks.append(_check(f"cnf ({variant}): gradient ≤ 6× log p", ratio, 6.0, "×"))
+        relative("cnf", variant, rival, "grad", "time_median_s", 0.3)
+    for variant in ("backsolve", "checkpoint"):
+        row = _find(rows, "mem-T100", "neuralode", variant, "grad")
+        ok = row is not None and row["status"] == "ok"
+        error = row.get("error") if ok else None
+        label = f"mem-T100 ({variant}): completes, grad error ≤ 1e-3"
+        checks.append(_check(label, error, 1e-3))
+    return checks
+
+
+def _checks_table(checks: list[dict]) -> list[str]:
+    mark: dict[Any, str] = {True: "met", False: "**missed**", None: "n/a"}
+    lines = ["| target | neuralode | status |", "|---|---|---|"]
+    lines += [f"| {c['target']} | {c['value']} | {mark[c['met']]} |" for c in checks]
+    return lines
+
+
+def _header(results: dict) -> list[str]:
+    machine = results["machine"]
+    versions = ", ".join(
+        f"{name} {version}" for name, version in results["versions"].items() if version
+    )
+    missing = [name for name, version in results["versions"].items() if not version]
+    load = results.get("load_average") or {"before": None, "after": None}
+    lines = [
+        "# neuralode benchmarks",
+        "",
+        f"Produced by `{results['command']}` on {results['date']}"
+        f" in {results['wall_s']:.0f} s.",
+        "",
+        f"- Machine: {machine['cpu']}, {machine['cores']} cores, "
+        f"{machine['platform']}, Python {machine['python']}.",
+        f"- Single thread: `XLA_FLAGS={results['settings']['single_thread']}`, "
+        "`torch.set_num_threads(1)`, one subprocess per (library, problem, variant).",
+        f"- Versions: {versions}."
+        + (f" Not installed: {', '.join(missing)}." if missing else ""),
+        f"- Load average (1, 5, 15 min) before / after: {load['before']} / "
+        f"{load['after']} (other work on the machine inflates times; ratios "
+        "measured in the same process, such as time / limit, suffer less).",
+        "- Dopri5 everywhere, same weights, initial values and tolerances in every "
+        "library; float32 unless stated.",
+        "- Time: median of R repeats after a separately timed first call (trace + "
+        "compile + first run for JAX; eager for torch). *limit*: the same number of "
+        "vector-field evaluations in a bare jitted `lax.fori_loop`, timed "
+        "interleaved with the solver. For "
+        "gradients the limit is the forward evaluations plus one VJP of the field "
+        "per backward evaluation (continuous adjoints) or per forward evaluation "
+        "(discretise-then-optimise: checkpoint, recursive-checkpoint; their "
+        "recomputation is overhead). *NFE*: counted in separate counting "
+        "runs (backward = gradient call − forward call). *rel. error*: relative "
+        "2-norm error against a float64 reference (SciPy DOP853 at rtol 1e-12 for "
+        "solutions; fine-step float64 RK4 discretise-then-optimise for gradients). "
+        "*temp mem*: XLA's compiled temporary buffer size.",
+        "",
+    ]
+    return lines
+
+
+def render_markdown(results: dict) -> str:
+    """The whole report as markdown text."""
+    rows = results["rows"]
+    lines = _header(results)
+    lines += ["## Targets for neuralode", "", *_checks_table(target_checks(rows)), ""]
+    groups: list[str] = []
+    for row in rows:
+        if row["group"] not in groups:
+            groups.append(row["group"])
+    for group in groups:
+        lines += [f"## {group}: {GROUP_NOTES.get(group, '')}", ""]
+        group_rows = [r for r in rows if r["group"] == group]
+        for name in dict.fromkeys(r["problem"] for r in group_rows):
+            info = results["problems"].get(name, {})
+            lines += [f"**{name}**: {info.get('description', '')}", ""]
+            lines += _table([r for r in group_rows if r["problem"] == name]) + [""]
+    return "\n".join(lines)
+
+
+def write_markdown(
+    results: dict, path: Path, render: Callable[[dict], str] = render_markdown
+) -> None:
+    """Write the report to `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render(results) + "\n")

@@ -1,0 +1,67 @@
+"""One runner module per library; `run_unit` dispatches and never raises.
+
+A runner module exposes ``run(problem, variant, ref, settings) -> list[Row]``.
+A library that is not installed, or a variant that the library (or this
+version of neuralode) lacks, produces *skipped* rows; an error while solving
+produces *failed* rows with a shortened message.
+"""
+
+from __future__ import annotations
+
+import importlib
+import traceback
+
+from ..problems import Problem
+from .common import RunSettings, Skipped, failed_rows, shorten_error, skipped_rows
+
+#: Library keys in the order they are run (interleaved within each problem).
+LIBRARIES: tuple[str, ...] = ("neuralode", "diffrax", "jaxode", "torchdiffeq")
+
+#: Display names.
+LIBRARY_LABELS: dict[str, str] = {
+    "neuralode": "neuralode",
+    "diffrax": "diffrax",
+    "jaxode": "jax.experimental.ode",
+    "torchdiffeq": "torchdiffeq",
+}
+
+_GRAD_VARIANTS: dict[str, tuple[str, ...]] = {
+    "neuralode": ("backsolve", "checkpoint"),
+    "diffrax": ("backsolve", "recursive-checkpoint"),
+    "jaxode": ("own-adjoint",),
+    "torchdiffeq": ("adjoint",),
+}
+
+
+def variants(library: str, problem: Problem) -> tuple[str, ...]:
+    """The variants (adjoint methods) benchmarked for `library` on `problem`."""
+    if problem.kind == "fwd":
+        return ("dopri5",)
+    extra = ("CNF",) if (library == "neuralode" and problem.kind == "cnf") else ()
+    return _GRAD_VARIANTS[library] + extra
+
+
+def run_unit(
+    library: str,
+    problem: Problem,
+    variant: str,
+    ref: dict | None,
+    settings: RunSettings,
+) -> list[dict]:
+    """Run one (library, problem, variant); always returns rows."""
+    try:
+        module = importlib.import_module(f"{__package__}.{library}_runner")
+        return module.run(problem, variant, ref, settings)
+    except Skipped as exc:
+        return skipped_rows(problem, library, variant, str(exc))
+    except ImportError as exc:
+        return skipped_rows(
+            problem, library, variant, f"not installed ({exc.name or exc})"
+        )
+    except Exception as exc:
+        if settings.verbose:
+            traceback.print_exc()
+        return failed_rows(problem, library, variant, shorten_error(exc))
+
+
+__all__ = ["LIBRARIES", "LIBRARY_LABELS", "RunSettings", "run_unit", "variants"]

@@ -1,0 +1,287 @@
+"""`spiral`: the latent ODE of Chen et al. (2018, §5) on irregularly sampled spirals.
+
+Each training example is a 2-D spiral observed with noise at a random subset
+of the first half of its time window. A GRU run backward in time over the
+observations (each input is the observation and the time gap to the next
+one) gives the approximate posterior
+$q(z_0 \\mid x) = \\mathcal{N}(\\mu, \\operatorname{diag}\\sigma^2)$; a sample
+$z_0$ is evolved by the latent ODE $\\dot z = f_\\theta(z)$ (a `NeuralODE`, the
+whole batch as one ODE with outputs at every grid time, read off the dense
+output); a decoder maps $z(t_i)$ to the mean of $p(x_i \\mid z(t_i)) =
+\\mathcal{N}(\\cdot, s^2 I)$. Training maximises the ELBO
+
+$$\\sum_i \\log p(x_i \\mid z(t_i)) - \\mathrm{KL}\\big(q(z_0 \\mid x)\\,\\|\\,
+\\mathcal{N}(0, I)\\big).$$
+
+On held-out spirals the posterior mean $z_0$ gives reconstructions of the
+observed half and extrapolations over the unobserved half; both are scored
+against the noiseless spiral.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import optax
+from jaxtyping import Array, Float, Int, PRNGKeyArray
+
+import neuralode as no
+
+from ._checkpoint import TrainState, initial_state
+from ._plotting import new_figure, plot_loss, save_figure
+from ._run import Run, add_common_arguments, positive_float, positive_int
+from ._training import batch_indices, train
+
+NAME = "spiral"
+HELP = "latent ODE on irregularly sampled noisy spirals (paper section 5)"
+DTYPE = jnp.float32
+
+
+class Observations(NamedTuple):
+    """Spirals observed at `idx` (sorted grid indices, the first one 0).
+
+    - `ts`: (W,) the fine time grid of a window.
+    - `idx`: (N, P) observed grid indices, all in the first half.
+    - `ys`: (N, P, 2) noisy observations.
+    - `clean`: (N, W, 2) the noiseless spirals on the whole grid.
+    """
+
+    ts: Float[np.ndarray, " W"]
+    idx: Int[np.ndarray, "N P"]
+    ys: Float[np.ndarray, "N P 2"]
+    clean: Float[np.ndarray, "N W 2"]
+
+
+def make_data(
+    num: int, num_obs: int, window: int, noise: float, key: PRNGKeyArray
+) -> Observations:
+    """Draw `num` spirals, each observed at `num_obs` times in its first half."""
+    k_data, k_idx = jr.split(key)
+    data = no.datasets.spiral(
+        num, window, window=window, noise_std=noise, key=k_data, dtype=DTYPE
+    )
+    half = window // 2
+    # A random subset of grid points 1..half-1 per spiral, plus the start.
+    scores = jr.uniform(k_idx, (num, half - 1))
+    rest = jnp.sort(jnp.argsort(scores, axis=1)[:, : num_obs - 1], axis=1) + 1
+    idx = np.concatenate([np.zeros((num, 1), np.int32), np.asarray(rest)], axis=1)
+    ys = np.take_along_axis(np.asarray(data.ys), idx[..., None], axis=1)
+    return Observations(np.asarray(data.ts_grid), idx, ys, np.asarray(data.ys_grid))
+
+
+class LatentODE(eqx.Module):
+    """GRU encoder (backward in time) → latent `NeuralODE` → MLP decoder."""
+
+    cell: eqx.nn.GRUCell
+    to_posterior: eqx.nn.Linear
+    ode: no.NeuralODE
+    decoder: eqx.nn.MLP
+    latent: int = eqx.field(static=True)
+
+    def __init__(
+        self,
+        latent: int,
+        hidden: int,
+        width: int,
+        *,
+        rtol: float,
+        atol: float,
+        key: PRNGKeyArray,
+    ):
+        k1, k2, k3, k4 = jr.split(key, 4)
+        self.latent = latent
+        self.cell = eqx.nn.GRUCell(3, hidden, key=k1, dtype=DTYPE)
+        self.to_posterior = eqx.nn.Linear(hidden, 2 * latent, key=k2, dtype=DTYPE)
+        field = no.nn.MLPField(
+            latent,
+            width,
+            2,
+            key=k3,
+            time_dependent=False,
+            activation=jax.nn.elu,
+            dtype=DTYPE,
+        )
+        self.ode = no.NeuralODE(field, rtol=rtol, atol=atol)
+        self.decoder = eqx.nn.MLP(
+            latent, 2, width, 1, activation=jax.nn.elu, key=k4, dtype=DTYPE
+        )
+
+    def encode(
+        self, ts: Float[Array, " P"], ys: Float[Array, "P 2"]
+    ) -> tuple[Array, Array]:
+        """Mean and log-variance of q(z0) for one spiral's observations."""
+        gaps = jnp.diff(ts, append=ts[-1:])  # time to the next observation
+        inputs = jnp.concatenate([ys, gaps[:, None]], axis=-1)[::-1]
+
+        def scan_fn(h, x):
+            return self.cell(x, h), None
+
+        h0 = jnp.zeros(self.cell.hidden_size, DTYPE)
+        h, _ = jax.lax.scan(scan_fn, h0, inputs)
+        out = self.to_posterior(h)
+        return out[: self.latent], out[self.latent :]
+
+    def decode_path(self, z0: Float[Array, "B L"], ts: Float[Array, " T"]) -> Array:
+        """Decoded means at every time of `ts` for a batch of z0: (B, T, 2)."""
+        zs = self.ode.trajectory(z0, ts)  # (T, B, L), the batch as one ODE
+        return jax.vmap(jax.vmap(self.decoder))(jnp.swapaxes(zs, 0, 1))
+
+
+def _elbo(model: LatentODE, ts, idx, ys, noise: float, key) -> tuple[Array, Array]:
+    """Mean negative ELBO per observation and the reconstruction MSE."""
+    obs_ts = ts[idx]  # (B, P)
+    mean, logvar = jax.vmap(model.encode)(obs_ts, ys)
+    eps = jr.normal(key, mean.shape, DTYPE)
+    z0 = mean + jnp.exp(0.5 * logvar) * eps
+    half = ts[: ts.shape[0] // 2]
+    pred = model.decode_path(z0, half)  # (B, H, 2)
+    pred = jnp.take_along_axis(pred, idx[..., None], axis=1)
+    sq = jnp.sum((pred - ys) ** 2, axis=-1)
+    loglik = -0.5 * sq / noise**2 - math.log(2 * math.pi * noise**2)
+    kl = 0.5 * jnp.sum(jnp.exp(logvar) + mean**2 - 1 - logvar, axis=-1)
+    neg_elbo = jnp.mean(kl - jnp.sum(loglik, axis=-1)) / idx.shape[1]
+    return neg_elbo, jnp.mean(sq) / 2
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of the spiral experiment."""
+    parser.add_argument("--num-train", type=positive_int, default=512)
+    parser.add_argument("--num-test", type=positive_int, default=100)
+    parser.add_argument(
+        "--num-obs",
+        type=positive_int,
+        default=30,
+        help="observations per spiral in the first half of its window",
+    )
+    parser.add_argument("--window", type=positive_int, default=150)
+    parser.add_argument("--noise", type=positive_float, default=0.1)
+    parser.add_argument("--batch-size", type=positive_int, default=64)
+    parser.add_argument("--lr", type=positive_float, default=1e-2)
+    parser.add_argument("--latent", type=positive_int, default=4)
+    parser.add_argument("--hidden", type=positive_int, default=25)
+    parser.add_argument("--width", type=positive_int, default=32)
+    parser.add_argument("--rtol", type=positive_float, default=1e-3)
+    parser.add_argument("--atol", type=positive_float, default=1e-4)
+    add_common_arguments(parser)
+
+
+def run(ctx: Run) -> dict[str, Any]:
+    """Train the latent ODE on the ELBO and score it on held-out spirals."""
+    args = ctx.args
+    steps = args.steps or (4 if args.quick else 2000)
+    if args.quick:
+        args.num_train, args.num_test, args.batch_size = 32, 8, 8
+        args.hidden, args.width, args.window, args.num_obs = 8, 8, 40, 8
+    if not 2 <= args.num_obs <= args.window // 2:
+        raise SystemExit(
+            f"neuralode spiral: error: --num-obs must be in [2, window/2 = "
+            f"{args.window // 2}], got {args.num_obs}"
+        )
+    data_key, test_key, model_key, order_key, train_key = jr.split(ctx.key, 5)
+    train_data = make_data(
+        args.num_train, args.num_obs, args.window, args.noise, data_key
+    )
+    test_data = make_data(
+        args.num_test, args.num_obs, args.window, args.noise, test_key
+    )
+    batch_size = min(args.batch_size, args.num_train)
+    ctx.parallel.check_batch_size(batch_size)
+
+    model = LatentODE(
+        args.latent,
+        args.hidden,
+        args.width,
+        rtol=args.rtol,
+        atol=args.atol,
+        key=model_key,
+    )
+    schedule = optax.cosine_decay_schedule(args.lr, steps, alpha=0.05)
+    optimiser = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule))
+    state = initial_state(model, optimiser.init(eqx.filter(model, eqx.is_array)))
+    state = ctx.parallel.replicate(ctx.restore(state))
+    ts = jnp.asarray(train_data.ts)
+    noise = args.noise
+
+    @eqx.filter_jit
+    def step(state: TrainState, batch, key):
+        idx, ys = batch
+        (loss, mse), grads = eqx.filter_value_and_grad(_elbo, has_aux=True)(
+            state.model, ts, idx, ys, noise, key
+        )
+        params = eqx.filter(state.model, eqx.is_array)
+        updates, opt_state = optimiser.update(grads, state.opt_state, params)
+        model = eqx.apply_updates(state.model, updates)
+        return TrainState(model, opt_state, state.step + 1), {
+            "loss": loss,
+            "recon_mse": mse,
+        }
+
+    def batch_fn(i: int):
+        rows = batch_indices(order_key, i, args.num_train, batch_size)
+        return ctx.parallel.shard((train_data.idx[rows], train_data.ys[rows]))
+
+    state, summary = train(
+        state,
+        step,
+        batch_fn,
+        num_steps=steps,
+        key=train_key,
+        desc=NAME,
+        directory=ctx.directory,
+        progress=args.progress,
+    )
+    pred = eqx.filter_jit(_predict)(state.model, test_data)
+    pred = np.asarray(pred)
+    half = args.window // 2
+    err = np.sum((pred - test_data.clean) ** 2, axis=-1)  # (N, W)
+    obs_err = np.take_along_axis(err, test_data.idx, axis=1)
+    metrics = {
+        "steps": int(state.step),
+        "train_seconds": summary["train_seconds"],
+        "compile_seconds": summary["compile_seconds"],
+        "steps_per_second": summary["steps_per_second"],
+        "devices": ctx.parallel.num_devices,
+        "test_reconstruction_mse_at_observations": float(obs_err.mean() / 2),
+        "test_reconstruction_mse": float(err[:, :half].mean() / 2),
+        "test_extrapolation_mse": float(err[:, half:].mean() / 2),
+        "noise_variance": args.noise**2,
+        "observed_time": float(test_data.ts[half - 1]),
+        "extrapolated_time": float(test_data.ts[-1]),
+        "history": summary["history"][-200:],
+    }
+    if summary["history"]:
+        plot_loss(summary["history"], ctx.directory / "loss.png", "-ELBO / obs.")
+    _plot(test_data, pred, half, ctx.directory / "spirals.png")
+    return metrics
+
+
+def _predict(model: LatentODE, data: Observations) -> Array:
+    """Decoded trajectories on the whole grid from the posterior means."""
+    ts = jnp.asarray(data.ts)
+    obs_ts = ts[jnp.asarray(data.idx)]
+    mean, _ = jax.vmap(model.encode)(obs_ts, jnp.asarray(data.ys))
+    return model.decode_path(mean, ts)
+
+
+def _plot(data: Observations, pred: np.ndarray, half: int, path: Path) -> None:
+    """Observations, reconstructions and extrapolations of a few test spirals."""
+    num = min(4, len(pred))
+    fig, axes = new_figure(num, size=3.2)
+    for i, ax in enumerate(axes[:num]):
+        ax.plot(*data.clean[i].T, color="0.75", lw=3, label="true spiral")
+        ax.scatter(*data.ys[i].T, s=10, color="k", zorder=3, label="observations")
+        ax.plot(*pred[i, :half].T, color="C0", lw=1.5, label="reconstruction")
+        ax.plot(*pred[i, half - 1 :].T, "--", color="C3", lw=1.5, label="extrapolation")
+        ax.set_aspect("equal")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[0].legend(fontsize=7, loc="lower left")
+    save_figure(fig, path)

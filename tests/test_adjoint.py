@@ -1,0 +1,397 @@
+"""Gradients: both adjoints against finite differences, expm and each other."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.linalg
+
+import neuralode as no
+
+from .helpers import random_stable_matrix, tree_allclose
+
+ADJOINTS = [no.BacksolveAdjoint(), no.CheckpointAdjoint()]
+TOL = dict(rtol=1e-10, atol=1e-12)
+
+
+def adjoint_name(adjoint) -> str:
+    return type(adjoint).__name__
+
+
+def forced(t, y, args):
+    k, w = args["k"], args["w"]
+    return -k * y + jnp.sin(w * t) * jnp.roll(y, 1)
+
+
+def central_difference(fun, x, eps=1e-6):
+    """∂fun/∂x by central differences, for a flat float64 array x."""
+    x = np.asarray(x, dtype=np.float64)
+    grad = np.zeros_like(x)
+    for i in np.ndindex(x.shape):
+        step = np.zeros_like(x)
+        step[i] = eps
+        grad[i] = (fun(x + step) - fun(x - step)) / (2 * eps)
+    return grad
+
+
+def _loss(y0, args, ts, adjoint):
+    ys = no.odeint(forced, y0, ts, args, adjoint=adjoint, **TOL)
+    return jnp.sum(ys**2 * jnp.arange(1.0, ys.shape[0] + 1.0)[:, None])
+
+
+Y0 = jnp.array([1.0, -0.5, 0.3])
+ARGS = {"k": jnp.array(0.7), "w": jnp.array(2.0)}
+TS = jnp.array([0.0, 0.4, 1.1, 2.0])
+
+
+@pytest.mark.parametrize("adjoint", ADJOINTS, ids=adjoint_name)
+def test_gradients_match_finite_differences(adjoint):
+    grads = jax.jit(jax.grad(_loss, argnums=(0, 1, 2)), static_argnums=3)(
+        Y0, ARGS, TS, adjoint
+    )
+    fd_loss = lambda y0, args, ts: float(_loss(y0, args, ts, no.ForwardMode()))
+    fd_y0 = central_difference(lambda y: fd_loss(jnp.asarray(y), ARGS, TS), Y0)
+    fd_k = central_difference(
+        lambda k: fd_loss(Y0, {"k": jnp.asarray(k), "w": ARGS["w"]}, TS), ARGS["k"]
+    )
+    fd_w = central_difference(
+        lambda w: fd_loss(Y0, {"k": ARGS["k"], "w": jnp.asarray(w)}, TS), ARGS["w"]
+    )
+    fd_ts = central_difference(lambda ts: fd_loss(Y0, ARGS, jnp.asarray(ts)), TS)
+    assert np.allclose(grads[0], fd_y0, rtol=1e-6, atol=1e-7)
+    assert np.allclose(grads[1]["k"], fd_k, rtol=1e-6, atol=1e-7)
+    assert np.allclose(grads[1]["w"], fd_w, rtol=1e-6, atol=1e-7)
+    # Interior and both end points of ts.
+    assert np.allclose(grads[2], fd_ts, rtol=1e-5, atol=1e-6), (grads[2], fd_ts)
+
+
+class MLPField(eqx.Module):
+    mlp: eqx.nn.MLP
+    scale: float = eqx.field(static=True)
+
+    def __call__(self, t, y, args):
+        return self.scale * self.mlp(jnp.concatenate([y, t[None]]))
+
+
+def _mlp_field(key, width=16):
+    return MLPField(eqx.nn.MLP(3, 2, width, 2, activation=jnp.tanh, key=key), 1.0)
+
+
+@pytest.mark.parametrize("adjoint", ADJOINTS, ids=adjoint_name)
+def test_equinox_module_parameters_match_finite_differences(adjoint, key):
+    field = _mlp_field(key, width=8)
+    y0 = jnp.array([0.5, -1.0])
+    ts = jnp.array([0.0, 1.5])
+
+    def loss(field, adjoint):
+        return jnp.sum(no.odeint(field, y0, ts, adjoint=adjoint, **TOL)[-1] ** 2)
+
+    grads = eqx.filter_jit(eqx.filter_grad(loss))(field, adjoint)
+    weight = field.mlp.layers[1].weight
+    fd = central_difference(
+        lambda w: float(
+            loss(
+                eqx.tree_at(lambda f: f.mlp.layers[1].weight, field, jnp.asarray(w)),
+                no.ForwardMode(),
+            )
+        ),
+        weight,
+    )
+    assert np.allclose(grads.mlp.layers[1].weight, fd, rtol=1e-5, atol=1e-8)
+
+
+def test_adjoints_agree_with_each_other(key):
+    field = _mlp_field(key)
+    y0 = jnp.array([0.5, -1.0])
+    ts = jnp.linspace(0.0, 3.0, 7)
+
+    def loss(field, y0, adjoint):
+        return jnp.sum(no.odeint(field, y0, ts, adjoint=adjoint, **TOL) ** 2)
+
+    grad = eqx.filter_jit(eqx.filter_grad(loss))
+    back = grad(field, y0, no.BacksolveAdjoint())
+    check = grad(field, y0, no.CheckpointAdjoint())
+    assert tree_allclose(back, check, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("adjoint", ADJOINTS, ids=adjoint_name)
+def test_linear_ode_gradient_through_expm(adjoint, key):
+    """L = ½‖e^{AT} z0‖²: dL/dA and dL/dz0 from the matrix exponential."""
+    a = random_stable_matrix(key, 4)
+    z0 = jnp.array([1.0, 2.0, -1.0, 0.5])
+    t1 = 1.3
+
+    def loss_ode(a, z0):
+        ys = no.odeint(
+            lambda t, y, a: a @ y, z0, jnp.array([0.0, t1]), a, adjoint=adjoint, **TOL
+        )
+        return 0.5 * jnp.sum(ys[-1] ** 2)
+
+    def loss_expm(a, z0):
+        return 0.5 * jnp.sum((jax.scipy.linalg.expm(a * t1) @ z0) ** 2)
+
+    got = jax.grad(loss_ode, argnums=(0, 1))(a, z0)
+    want = jax.grad(loss_expm, argnums=(0, 1))(a, z0)
+    assert tree_allclose(got, want, rtol=1e-7, atol=1e-9)
+    assert np.allclose(
+        scipy.linalg.expm(np.asarray(a) * t1) @ np.asarray(z0),
+        no.odeint(lambda t, y, a: a @ y, z0, jnp.array([0.0, t1]), a, **TOL)[-1],
+    )
+
+
+@pytest.mark.parametrize(
+    "solver, controller",
+    [(no.RK4(), no.PIController()), (no.Dopri5(), no.ConstantStepSize())],
+    ids=["RK4", "Dopri5-constant"],
+)
+def test_checkpoint_equals_autodiff_of_unrolled_steps(solver, controller, key):
+    """The exact discrete gradient: same as autodiff through a Python loop."""
+    field = _mlp_field(key)
+    y0 = jnp.array([0.5, -1.0])
+    dt, n = 0.1, 12
+    ts = jnp.array([0.0, 0.25, 0.6, n * dt])
+
+    def unrolled(field, y0):
+        f = lambda t, y: field(t, y, None)
+        t, y, out = 0.0, y0, [y0]
+        tableau = solver.tableau
+        for _ in range(n):
+            h = jnp.asarray(dt)
+            y1, _, f1, stages = no._solvers.runge_kutta_step(
+                tableau, f, jnp.asarray(t), y, f(jnp.asarray(t), y), h
+            )
+            for t_out in (0.25, 0.6):
+                if t < t_out <= t + dt + 1e-12:
+                    dense = solver.step(
+                        f, jnp.asarray(t), y, f(jnp.asarray(t), y), h
+                    ).dense
+                    theta = (t_out - t) / dt
+                    out.append(no._interpolation.evaluate(y, dense, jnp.asarray(theta)))
+            t, y = t + dt, y1
+        out.append(y)
+        return jnp.sum(jnp.stack(out) ** 2)
+
+    def via_solve(field, y0):
+        ys = no.odeint(
+            field,
+            y0,
+            ts,
+            solver=solver,
+            dt0=dt,
+            controller=controller,
+            adjoint=no.CheckpointAdjoint(),
+            max_steps=64,
+        )
+        return jnp.sum(ys**2)
+
+    assert np.isclose(
+        float(unrolled(field, y0)), float(via_solve(field, y0)), rtol=1e-12
+    )
+    want = eqx.filter_grad(unrolled)(field, y0)
+    got = eqx.filter_grad(via_solve)(field, y0)
+    assert tree_allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_closure_over_traced_array():
+    def loss(k):
+        ys = no.odeint(
+            lambda t, y, args: -k * y, jnp.array(1.0), jnp.array([0.0, 2.0]), **TOL
+        )
+        return ys[-1]
+
+    k = 0.8
+    assert np.isclose(float(jax.grad(loss)(k)), -2.0 * np.exp(-2.0 * k), rtol=1e-8)
+    assert np.isclose(
+        float(jax.jit(jax.grad(loss))(k)), -2.0 * np.exp(-2.0 * k), rtol=1e-8
+    )
+
+
+@pytest.mark.parametrize("adjoint", ADJOINTS, ids=adjoint_name)
+def test_gradient_under_vmap(adjoint):
+    def loss(y0, k, ts):
+        return no.odeint(lambda t, y, k: -k * y, y0, ts, k, adjoint=adjoint, **TOL)[-1]
+
+    grads = jax.vmap(jax.grad(loss, argnums=(0, 1, 2)))(
+        jnp.array([1.0, 2.0]),
+        jnp.array([0.5, 1.5]),
+        jnp.array([[0.0, 1.0], [0.0, 2.0]]),
+    )
+    y0, k, t1 = np.array([1.0, 2.0]), np.array([0.5, 1.5]), np.array([1.0, 2.0])
+    assert np.allclose(grads[0], np.exp(-k * t1), rtol=1e-8)
+    assert np.allclose(grads[1], -t1 * y0 * np.exp(-k * t1), rtol=1e-8)
+    assert np.allclose(grads[2][:, 1], -k * y0 * np.exp(-k * t1), rtol=1e-7)
+    assert np.allclose(grads[2][:, 0], k * y0 * np.exp(-k * t1), rtol=1e-7)
+
+
+def test_gradient_of_gradient():
+    def inner(k):
+        ys = no.odeint(forced, Y0, TS, {"k": k, "w": ARGS["w"]}, **TOL)
+        return jnp.sum(ys**2)
+
+    second = jax.grad(jax.grad(inner))(ARGS["k"])
+    eps = 1e-5
+    fd = (jax.grad(inner)(ARGS["k"] + eps) - jax.grad(inner)(ARGS["k"] - eps)) / (
+        2 * eps
+    )
+    assert np.isclose(float(second), float(fd), rtol=1e-6)
+
+
+def test_integer_and_boolean_args_get_no_gradient():
+    def field(t, y, args):
+        return -args["k"] * y * args["n"] * jnp.where(args["flag"], 1.0, 2.0)
+
+    def loss(k):
+        args = {"k": k, "n": jnp.array(2), "flag": jnp.array(True)}
+        return no.odeint(field, jnp.array(1.0), jnp.array([0.0, 1.0]), args, **TOL)[-1]
+
+    assert np.isclose(float(jax.grad(loss)(0.5)), -2.0 * np.exp(-1.0), rtol=1e-8)
+
+
+def test_forward_mode_jvp_and_jacfwd():
+    def solve(y0):
+        return no.odeint(forced, y0, TS, ARGS, adjoint=no.ForwardMode(), **TOL)
+
+    jac = jax.jacfwd(solve)(Y0)
+    fd = np.stack(
+        [
+            (solve(Y0.at[i].add(1e-6)) - solve(Y0.at[i].add(-1e-6))) / 2e-6
+            for i in range(3)
+        ],
+        axis=-1,
+    )
+    assert np.allclose(jac, fd, rtol=1e-6, atol=1e-8)
+    _, tangent = jax.jvp(solve, (Y0,), (jnp.array([1.0, 0.0, 0.0]),))
+    assert np.allclose(tangent, fd[..., 0], rtol=1e-6, atol=1e-8)
+
+
+def test_custom_vjp_adjoint_refuses_forward_mode():
+    with pytest.raises(TypeError, match="custom_vjp"):
+        jax.jvp(lambda y0: no.odeint(forced, y0, TS, ARGS), (Y0,), (Y0,))
+
+
+@pytest.mark.parametrize("adjoint", ADJOINTS, ids=adjoint_name)
+def test_float32_gradients(adjoint):
+    def loss(k):
+        ys = no.odeint(
+            lambda t, y, k: -k * y,
+            jnp.float32(1.0),
+            jnp.array([0.0, 1.0], jnp.float32),
+            k,
+            adjoint=adjoint,
+        )
+        return ys[-1]
+
+    g = jax.grad(loss)(jnp.float32(0.5))
+    assert g.dtype == jnp.float32
+    assert np.isclose(float(g), -np.exp(-0.5), rtol=1e-4)
+
+
+def _many_parameter_problem(key):
+    field = MLPField(eqx.nn.MLP(3, 2, 96, 2, activation=jnp.tanh, key=key), 1.0)
+    return field, jnp.array([0.5, -1.0]), jnp.array([0.0, 2.0])
+
+
+def test_seminorm_agrees_and_needs_fewer_backward_evaluations(key):
+    field, y0, ts = _many_parameter_problem(key)
+    n_params = sum(x.size for x in jax.tree.leaves(eqx.filter(field, eqx.is_array)))
+    assert n_params > 9_000
+
+    def loss(field, adjoint):
+        return jnp.sum(
+            no.odeint(field, y0, ts, adjoint=adjoint, rtol=1e-6, atol=1e-8)[-1] ** 2
+        )
+
+    semi = no.BacksolveAdjoint(seminorm=True)
+    full = no.BacksolveAdjoint(seminorm=False)
+    g_semi = eqx.filter_grad(loss)(field, semi)
+    g_full = eqx.filter_grad(loss)(field, full)
+    assert tree_allclose(g_semi, g_full, rtol=1e-4, atol=1e-7)
+    kwargs = dict(rtol=1e-6, atol=1e-8)
+    n_semi = int(no.backward_stats(field, y0, ts, adjoint=semi, **kwargs)["num_fevals"])
+    n_full = int(no.backward_stats(field, y0, ts, adjoint=full, **kwargs)["num_fevals"])
+    assert n_semi <= n_full, (n_semi, n_full)
+
+
+def test_backward_stats_counts_and_is_jittable():
+    stats = jax.jit(lambda k: no.backward_stats(lambda t, y, k: -k * y, Y0, TS, k))(
+        jnp.array(0.7)
+    )
+    steps = int(stats["num_steps"])
+    assert steps == int(stats["num_accepted"]) + int(stats["num_rejected"])
+    assert steps > 0 and int(stats["num_fevals"]) > 6 * int(stats["num_accepted"])
+    assert int(stats["result"]) == 0
+    with pytest.raises(TypeError, match="BacksolveAdjoint"):
+        no.backward_stats(forced, Y0, TS, ARGS, adjoint=no.CheckpointAdjoint())
+
+
+def contracting_field(key, rate=1.0, width=64):
+    """A 2→width→width→2 tanh MLP whose flow contracts to a fixed point at rate."""
+    k1, k2 = jax.random.split(key)
+    w1 = jax.random.normal(k1, (2, width)) / np.sqrt(2)
+    w2 = jax.random.normal(k2, (width, width)) / np.sqrt(width)
+    b1 = jnp.zeros(width)
+    b2 = jnp.zeros(width)
+    star = jnp.array([0.5, -0.5])
+    h1 = jnp.tanh(star @ w1 + b1)
+    h2 = jnp.tanh(h1 @ w2 + b2)
+    jac = (w1 * (1 - h1**2)) @ (w2 * (1 - h2**2))
+    w3 = -rate * jnp.linalg.pinv(jac)
+    b3 = -(h2 @ w3)
+    params = (w1, b1, w2, b2, w3, b3)
+
+    def field(t, y, p):
+        w1, b1, w2, b2, w3, b3 = p
+        return jnp.tanh(jnp.tanh(y @ w1 + b1) @ w2 + b2) @ w3 + b3
+
+    return field, params
+
+
+@pytest.mark.slow
+def test_long_horizon_gradient_matches_reference(key):
+    """T = 100 on a contracting flow: backsolve with checkpoints stays accurate."""
+    field, params = contracting_field(key)
+    y0 = jax.random.normal(jax.random.key(3), (16, 2))
+    ts = jnp.array([0.0, 100.0])
+
+    def loss(params, adjoint, tol):
+        ys = no.odeint(
+            field,
+            y0,
+            ts,
+            params,
+            adjoint=adjoint,
+            rtol=tol,
+            atol=tol * 1e-2,
+            max_steps=20_000,
+        )
+        return jnp.sum(ys[-1] ** 2)
+
+    ref = jax.grad(loss)(params, no.CheckpointAdjoint(), 1e-11)
+    got = jax.grad(loss)(params, no.BacksolveAdjoint(), 1e-6)
+    num = sum(float(jnp.sum((a - b) ** 2)) for a, b in zip(got, ref, strict=True))
+    den = sum(float(jnp.sum(b**2)) for b in ref)
+    assert np.sqrt(num / den) < 1e-3
+
+
+def _temp_bytes(horizon, adjoint, field, params, y0):
+    ts = jnp.array([0.0, horizon])
+
+    def loss(params):
+        ys = no.odeint(field, y0, ts, params, adjoint=adjoint, max_steps=20_000)
+        return jnp.sum(ys[-1] ** 2)
+
+    compiled = jax.jit(jax.grad(loss)).lower(params).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+@pytest.mark.slow
+def test_backsolve_memory_does_not_grow_with_the_horizon(key):
+    field, params = contracting_field(key, width=32)
+    y0 = jax.random.normal(jax.random.key(3), (16, 2))
+    small = _temp_bytes(5.0, no.BacksolveAdjoint(), field, params, y0)
+    large = _temp_bytes(100.0, no.BacksolveAdjoint(), field, params, y0)
+    assert large <= 1.5 * small, (small, large)
+    # The checkpointed adjoint's buffers grow with max_steps instead.
+    check = _temp_bytes(5.0, no.CheckpointAdjoint(), field, params, y0)
+    assert check > 10 * small
