@@ -311,12 +311,15 @@ def integrate(
     def write_slot(state: _ForwardState, attempt: Attempt):
         k = state.out_index
         data = jnp.concatenate([state.y[None], attempt.dense])
-        slots = lax.dynamic_update_index_in_dim(state.slots, data, k, 0)
-        times = state.slot_times.at[k].set(jnp.stack([state.t, attempt.h]))
-        written = state.written.at[k].set(True)
+        update = lambda buffer, value: lax.dynamic_update_slice(
+            buffer, value[None], (k,) + (jnp.zeros((), jnp.int32),) * value.ndim
+        )
+        slots = update(state.slots, data)
+        times = update(state.slot_times, jnp.stack([state.t, attempt.h]))
+        written = update(state.written, jnp.ones((), bool))
         out_steps = state.out_steps
         if out_steps is not None:
-            out_steps = out_steps.at[k].set(state.num_accepted + 1)
+            out_steps = update(out_steps, state.num_accepted + 1)
         covered = jnp.searchsorted(tau_out, attempt.t_new, side="right", method=search)
         out_index = jnp.where(attempt.accept, covered.astype(jnp.int32), k)
         return slots, times, written, out_steps, out_index

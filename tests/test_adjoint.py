@@ -50,7 +50,8 @@ def test_gradients_match_finite_differences(adjoint):
     grads = jax.jit(jax.grad(_loss, argnums=(0, 1, 2)), static_argnums=3)(
         Y0, ARGS, TS, adjoint
     )
-    fd_loss = lambda y0, args, ts: float(_loss(y0, args, ts, no.ForwardMode()))
+    forward_loss = jax.jit(lambda y0, args, ts: _loss(y0, args, ts, no.ForwardMode()))
+    fd_loss = lambda y0, args, ts: float(forward_loss(y0, args, ts))
     fd_y0 = central_difference(lambda y: fd_loss(jnp.asarray(y), ARGS, TS), Y0)
     fd_k = central_difference(
         lambda k: fd_loss(Y0, {"k": jnp.asarray(k), "w": ARGS["w"]}, TS), ARGS["k"]
@@ -89,15 +90,12 @@ def test_equinox_module_parameters_match_finite_differences(adjoint, key):
 
     grads = eqx.filter_jit(eqx.filter_grad(loss))(field, adjoint)
     weight = field.mlp.layers[1].weight
-    fd = central_difference(
-        lambda w: float(
-            loss(
-                eqx.tree_at(lambda f: f.mlp.layers[1].weight, field, jnp.asarray(w)),
-                no.ForwardMode(),
-            )
-        ),
-        weight,
+    with_weight = jax.jit(
+        lambda w: loss(
+            eqx.tree_at(lambda f: f.mlp.layers[1].weight, field, w), no.ForwardMode()
+        )
     )
+    fd = central_difference(lambda w: float(with_weight(jnp.asarray(w))), weight)
     assert np.allclose(grads.mlp.layers[1].weight, fd, rtol=1e-5, atol=1e-8)
 
 
