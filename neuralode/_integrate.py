@@ -1,8 +1,10 @@
 """The adaptive integration loop: a pure function on `lax.while_loop`.
 
-One loop iteration is one trial step. The state is a flat vector, time runs
-forwards (τ, see `_problem`), and outputs are written by a short inner loop over
-the output times that the accepted step covers, from the step's interpolant.
+One loop iteration is one trial step. The state is a tuple of flat vectors
+(the user's pytree flattened once into one; an adjoint's state, adjoint and
+parameter integral kept apart), and time runs forwards (τ, see `_problem`).
+Every attempt stores its step's interpolation data in the slot of the first
+output not yet covered; the outputs are evaluated after the loop.
 """
 
 from __future__ import annotations
@@ -202,10 +204,10 @@ class _ForwardState(NamedTuple):
 
 
 class StepRecord(NamedTuple):
-    """The accepted steps of a solve: `y_starts[k]` at `times[k]`, ending at
-    `times[k + 1]`; `count` steps are valid."""
+    """The accepted steps of a solve: state `y_starts[·][k]` at `times[k]`,
+    ending at `times[k + 1]`; `count` steps are valid."""
 
-    y_starts: Array
+    y_starts: tuple[Array, ...]
     times: Array
     count: Array
 
@@ -290,8 +292,10 @@ def integrate(
 
     **Arguments:**
 
-    - `f`: the flat vector field f(τ, y).
-    - `y0`: the flat initial state at tau_out[0].
+    - `f`: the vector field f(τ, y) on states that are tuples of flat vectors.
+    - `y0`: the initial state at tau_out[0], a tuple of flat vectors (one for a
+      plain solve; separate vectors stay separate, e.g. so that each keeps its
+      own sharding).
     - `tau_out`: increasing output times.
     - `h0`: a first step size to use instead of the configured one (if > 0).
     - `diagnose_stiffness`: on failure, estimate h·ρ(∂f/∂y) for the message

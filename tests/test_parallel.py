@@ -194,8 +194,6 @@ def _close(a, b, rtol=1e-12, atol=1e-13):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
 
 
-
-
 @pytest.mark.slow
 def test_sharded_compilation_has_no_involuntary_rematerialization(runs):
     (_, stderr), (_, stderr_1) = runs[4], runs[1]
