@@ -18,6 +18,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, PyTree
 
+from ._controller import State
 from ._failure import raise_if_failed
 from ._integrate import LoopStats, SolverConfig, integrate
 from ._solution import RESULTS
@@ -106,8 +107,13 @@ def _time_cotangents(problem, params, direction, tau, ys, ys_bar, a0) -> Array:
     not move with τ_0). Chen et al. (2018), appendix B.2.
     """
     fs = jax.vmap(lambda t, y: problem.f_flat(t, y, params, direction))(tau, ys)
-    dots = jnp.sum(jnp.real(jnp.conj(ys_bar) * fs), axis=-1)
-    first = -jnp.sum(jnp.real(jnp.conj(a0) * fs[0]))
+    dots = sum(
+        jnp.sum(jnp.real(jnp.conj(bar) * f), axis=-1)
+        for bar, f in zip(ys_bar, fs, strict=True)
+    )
+    first = -sum(
+        jnp.sum(jnp.real(jnp.conj(a) * f[0])) for a, f in zip(a0, fs, strict=True)
+    )
     return dots.at[0].set(first).astype(tau.dtype)
 
 
@@ -159,7 +165,8 @@ def _first_step_argument(h0: Array | None, tau: Array) -> Array:
 class AdjointProblem(eqx.Module):
     """The adjoint system of `base`, forwards in the base's time τ.
 
-    For the state [z, a, g] (z, a of size n, g the flattened parameters θ):
+    For the state (z..., a..., g) (z and a with the m leaves of the base state,
+    g the flattened parameters θ):
 
         dz/dτ = f(τ, z),  da/dτ = -aᵀ∂f/∂z,  dg/dτ = -aᵀ∂f/∂θ,
 
@@ -169,12 +176,12 @@ class AdjointProblem(eqx.Module):
     """
 
     base: Any
-    n: int = eqx.field(static=True)
+    m: int = eqx.field(static=True)
 
-    def f_flat(self, tau: Array, state: Array, params: PyTree, direction: Array):
+    def f_flat(self, tau: Array, state: State, params: PyTree, direction: Array):
         base_params, base_direction = params
-        n = self.n
-        z, a = state[:n], state[n : 2 * n]
+        m = self.m
+        z, a = state[:m], state[m : 2 * m]
         diff, fixed = eqx.partition(base_params, eqx.is_inexact_array)
         t = direction * tau
 
@@ -184,8 +191,9 @@ class AdjointProblem(eqx.Module):
         fz, vjp = jax.vjp(f, z, diff)
         a_dz, a_ddiff = vjp(a)
         a_dtheta, _ = ravel_pytree(a_ddiff)
-        out = jnp.concatenate([fz, -a_dz, -a_dtheta.astype(state.dtype)])
-        return direction * out
+        a_dtheta = a_dtheta.astype(state[-1].dtype)
+        out = (*fz, *(-x for x in a_dz), -a_dtheta)
+        return tuple(direction * x for x in out)
 
 
 class BacksolveAdjoint(AbstractAdjoint):
@@ -242,14 +250,15 @@ class BacksolveAdjoint(AbstractAdjoint):
                 f"BacksolveAdjoint: checkpoints must be >= 0, got {self.checkpoints}"
             )
 
-    def _backward_config(self, config: SolverConfig, n: int, p: int) -> SolverConfig:
+    def _backward_config(self, config: SolverConfig, m: int) -> SolverConfig:
         rtol = config.rtol if self.rtol is None else float(self.rtol)
         atol = config.atol if self.atol is None else float(self.atol)
         if rtol == 0 and atol == 0:
             raise ValueError("BacksolveAdjoint: rtol and atol cannot both be zero")
-        groups = (n, n) if self.seminorm else (n, n, p)
+        # Each leaf of z and a (and of g without the seminorm) counts on its own.
+        leaves = tuple(range(2 * m if self.seminorm else 2 * m + 1))
         return SolverConfig(
-            config.solver, config.controller, rtol, atol, None, config.max_steps, groups
+            config.solver, config.controller, rtol, atol, None, config.max_steps, leaves
         )
 
     def _grid(self, tau: Array) -> tuple[Array, Array]:
@@ -302,7 +311,8 @@ class BacksolveAdjoint(AbstractAdjoint):
         solve = _custom_vjp_loop(forward, backward)
         h0 = _first_step_argument(h0, tau)
         ys_grid, stats = solve(params_arrays, y0, tau, direction, h0)
-        return ys_grid[self._grid(tau)[1]], stats
+        out_index = self._grid(tau)[1]
+        return tuple(leaf[out_index] for leaf in ys_grid), stats
 
     def backward(
         self,
@@ -329,8 +339,8 @@ class BacksolveAdjoint(AbstractAdjoint):
         """
         diff = eqx.filter(params, eqx.is_inexact_array)
         theta, unravel_theta = ravel_pytree(diff)
-        n, p = ys_grid.shape[1], theta.shape[0]
-        dtype = ys_grid.dtype
+        m, p = len(ys_grid), theta.shape[0]
+        dtype = ys_grid[0].dtype
         grid, grid_vjp = jax.vjp(lambda tau: self._grid(tau)[0], tau)
         last = grid.shape[0] - 1
         is_output = jnp.zeros(last + 1, bool).at[self._grid(tau)[1]].set(True)
@@ -339,22 +349,23 @@ class BacksolveAdjoint(AbstractAdjoint):
         else:
             steps_after = jnp.diff(output_steps, append=output_steps[-1:])
             stops = is_output | (steps_after >= self.checkpoint_min_steps)
-        adjoint_problem = AdjointProblem(problem, n)
+        adjoint_problem = AdjointProblem(problem, m)
         adjoint_params = (params, direction)
-        bconfig = self._backward_config(config, n, p)
+        bconfig = self._backward_config(config, m)
         # The backward solves use a plain backsolve (no checkpoints of their
         # own); being custom_vjp solves themselves, they can be differentiated.
         inner = BacksolveAdjoint(self.rtol, self.atol, self.seminorm, checkpoints=0)
+        at = lambda leaves, k: tuple(leaf[k] for leaf in leaves)
 
         def solve_to(k, carry):
             """From the current grid point back to grid[k], then reset z there."""
             z, a, g, pos, h, stats = carry
-            state = jnp.concatenate([z, a, jnp.zeros(p, dtype)])
+            state = (*z, *a, jnp.zeros(p, dtype))
             span = jnp.stack([grid[pos], grid[k]])
             out, st = inner.loop(
                 bconfig, adjoint_problem, adjoint_params, state, span, h
             )
-            end = out[-1]
+            end = at(out, -1)
             failed_before = stats.result != RESULTS.successful
             keep = lambda old, new: jnp.where(failed_before, old, new)
             stats = LoopStats(
@@ -367,8 +378,11 @@ class BacksolveAdjoint(AbstractAdjoint):
                 stiffness=keep(stats.stiffness, st.stiffness),
             )
             h = lax.stop_gradient(jnp.where(st.num_accepted > 0, jnp.abs(st.h_last), h))
-            a = end[n : 2 * n] + ys_grid_bar[k]
-            return ys_grid[k], a, g + end[2 * n :], k.astype(jnp.int32), h, stats
+            a = tuple(
+                x + bar
+                for x, bar in zip(end[m : 2 * m], at(ys_grid_bar, k), strict=True)
+            )
+            return at(ys_grid, k), a, g + end[2 * m], k.astype(jnp.int32), h, stats
 
         def interval(i, carry):
             k = (last - 1 - i).astype(jnp.int32)
@@ -378,16 +392,12 @@ class BacksolveAdjoint(AbstractAdjoint):
         nan = jnp.full((), jnp.nan, jnp.real(jnp.zeros((), dtype)).dtype)
         stats0 = LoopStats(zero, zero, zero, zero, -grid[last], nan, nan)
         init = (
-            ys_grid[last],
-            ys_grid_bar[last],
-            jnp.zeros(p, dtype),
-            last + zero,
-            jnp.zeros((), tau.dtype),
-            stats0,
-        )
+            at(ys_grid, last), at(ys_grid_bar, last), jnp.zeros(p, dtype), last + zero,
+            jnp.zeros((), tau.dtype), stats0,
+        )  # fmt: skip
         _, a, g, _, _, stats = lax.fori_loop(0, last, interval, init)
         # The adjoint at grid[0] before ȳ_0 was added, for ∂L/∂τ_0.
-        a_before = a - ys_grid_bar[0]
+        a_before = tuple(x - bar[0] for x, bar in zip(a, ys_grid_bar, strict=True))
         grid_bar = _time_cotangents(
             problem, params, direction, grid, ys_grid, ys_grid_bar, a_before
         )
@@ -447,7 +457,8 @@ class CheckpointAdjoint(AbstractAdjoint):
         theta, unravel_theta = ravel_pytree(diff)
         n_out = tau.shape[0]
         solver = config.solver
-        real = jnp.real(ys).dtype
+        real = jnp.real(ys[0]).dtype
+        add = lambda a, b: tuple(x + y for x, y in zip(a, b, strict=True))
 
         def step(y, theta, t, t_new):
             p = eqx.combine(unravel_theta(theta), fixed)
@@ -458,38 +469,40 @@ class CheckpointAdjoint(AbstractAdjoint):
         def body(carry):
             k, a, g = carry
             t, t_new = record.times[k], record.times[k + 1]
-            y = record.y_starts[k]
+            y = tuple(leaf[k] for leaf in record.y_starts)
             h = (t_new - t).astype(real)
             (_, dense), vjp = jax.vjp(lambda y, th: step(y, th, t, t_new), y, theta)
+            degree = dense[0].shape[0]
 
-            # Cotangents of the outputs this step wrote: ys[i] = y1 at the step's
-            # end, else y + Σ_p θ^(p+1) dense[p].
+            # Cotangents of the outputs this step wrote: the last output is the
+            # final state y1, every other one y + Σ_p θ^(p+1) dense[p].
             def out_cond(c):
                 i = c[0]
                 return (i < n_out) & (tau[jnp.minimum(i, n_out - 1)] <= t_new)
 
             def out_body(c):
                 i, y1_bar, y_bar, dense_bar = c
-                bar = ys_bar[i]
-                at_end = tau[i] == t_new
+                bar = tuple(leaf[i] for leaf in ys_bar)
+                at_end = i == n_out - 1
                 theta_i = ((tau[i] - t) / h).astype(real)
-                powers = theta_i ** jnp.arange(1, dense.shape[0] + 1, dtype=real)
-                y1_bar = y1_bar + jnp.where(at_end, bar, 0)
-                y_bar = y_bar + jnp.where(at_end, 0, bar)
-                dense_bar = dense_bar + jnp.where(at_end, 0, powers[:, None] * bar)
+                powers = theta_i ** jnp.arange(1, degree + 1, dtype=real)
+                y1_bar = add(y1_bar, tuple(jnp.where(at_end, b, 0) for b in bar))
+                y_bar = add(y_bar, tuple(jnp.where(at_end, 0, b) for b in bar))
+                dense_bar = add(
+                    dense_bar,
+                    tuple(jnp.where(at_end, 0, powers[:, None] * b) for b in bar),
+                )
                 return i + 1, y1_bar, y_bar, dense_bar
 
             first = jnp.searchsorted(tau, t, side="right").astype(jnp.int32)
-            init = (first, a, jnp.zeros_like(a), jnp.zeros_like(dense))
+            zeros = tuple(jnp.zeros_like(x) for x in a)
+            init = (first, a, zeros, tuple(jnp.zeros_like(d) for d in dense))
             _, y1_bar, y_bar, dense_bar = lax.while_loop(out_cond, out_body, init)
             y_bar_step, theta_bar = vjp((y1_bar, dense_bar))
-            return k - 1, y_bar + y_bar_step, g + theta_bar
+            return k - 1, add(y_bar, y_bar_step), g + theta_bar
 
-        init = (
-            record.count - 1,
-            jnp.zeros(ys.shape[1], ys.dtype),
-            jnp.zeros_like(theta),
-        )
+        zeros = tuple(jnp.zeros(leaf.shape[1], leaf.dtype) for leaf in ys)
+        init = (record.count - 1, zeros, jnp.zeros_like(theta))
         _, a, g = lax.while_loop(lambda c: c[0] >= 0, body, init)
         tau_bar = _time_cotangents(problem, params, direction, tau, ys, ys_bar, a)
-        return unravel_theta(g), a + ys_bar[0], tau_bar
+        return unravel_theta(g), add(a, tuple(bar[0] for bar in ys_bar)), tau_bar

@@ -8,39 +8,51 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-Norm = Callable[[Array], Array]
+State = tuple[Array, ...]
+"""The solver state: a tuple of flat vectors (one for a plain solve; the state,
+adjoint and parameter integral for the backward pass of an adjoint)."""
+
+Norm = Callable[[State], Array]
 
 
-def rms_norm(x: Array) -> Array:
-    """Root-mean-square norm sqrt(mean(|x|²)) of a flat vector (0 for size 0)."""
-    if x.size == 0:
-        return jnp.zeros((), jnp.real(x).dtype)
-    return jnp.sqrt(jnp.mean(jnp.real(x * jnp.conj(x))))
+def _real_dtype(x: State):
+    return jnp.real(x[0]).dtype
 
 
-def grouped_rms_norm(sizes: tuple[int, ...]) -> Norm:
-    """The maximum over contiguous groups of their own RMS norms.
+def rms_norm(x: State) -> Array:
+    """Root-mean-square sqrt(mean(|x|²)) over every component of the state."""
+    size = sum(leaf.size for leaf in x)
+    if size == 0:
+        return jnp.zeros((), _real_dtype(x))
+    squares = [jnp.sum(jnp.real(leaf * jnp.conj(leaf))) for leaf in x if leaf.size]
+    return jnp.sqrt(sum(squares[1:], squares[0]) / size)
+
+
+def leafwise_rms_norm(leaves: tuple[int, ...]) -> Norm:
+    """The maximum over the chosen leaves of their own RMS norms.
 
     Used for augmented systems (state, adjoint, parameter integral) so that one
-    large group cannot dilute the norm of a small one. A group of size 0 is
-    ignored.
+    large group cannot dilute the norm of a small one; leaving a leaf out is a
+    seminorm. Empty leaves are ignored.
     """
-    bounds = []
-    start = 0
-    for size in sizes:
-        if size > 0:
-            bounds.append((start, start + size))
-        start += size
 
-    def norm(x: Array) -> Array:
-        return jnp.max(jnp.stack([rms_norm(x[lo:hi]) for lo, hi in bounds]))
+    def norm(x: State) -> Array:
+        norms = [rms_norm((x[i],)) for i in leaves if x[i].size]
+        return jnp.max(jnp.stack(norms))
 
     return norm
 
 
-def error_scale(y0: Array, y1: Array, rtol, atol) -> Array:
+def error_scale(y0: State, y1: State, rtol, atol) -> State:
     """atol + rtol·max(|y0|, |y1|), the per-component weight of the error."""
-    return atol + rtol * jnp.maximum(jnp.abs(y0), jnp.abs(y1))
+    return tuple(
+        atol + rtol * jnp.maximum(jnp.abs(a), jnp.abs(b))
+        for a, b in zip(y0, y1, strict=True)
+    )
+
+
+def tree_divide(a: State, b: State) -> State:
+    return tuple(x / y for x, y in zip(a, b, strict=True))
 
 
 class PIController(eqx.Module):
@@ -109,10 +121,10 @@ class ConstantStepSize(eqx.Module):
 
 
 def initial_step(
-    f: Callable[[Array, Array], Array],
+    f: Callable[[Array, State], State],
     t0: Array,
-    y0: Array,
-    f0: Array,
+    y0: State,
+    f0: State,
     t_span: Array,
     rtol,
     atol,
@@ -125,14 +137,16 @@ def initial_step(
     of size h0 estimates the second derivative d2 = ‖f(t0+h0, y0+h0 f0) - f0‖/h0
     and h1 = (0.01 / max(d1, d2))^(1/q). The first step is min(100 h0, h1, t_span).
     """
-    scale = atol + rtol * jnp.abs(y0)
-    d0 = norm(y0 / scale)
-    d1 = norm(f0 / scale)
+    scale = tuple(atol + rtol * jnp.abs(leaf) for leaf in y0)
+    d0 = norm(tree_divide(y0, scale))
+    d1 = norm(tree_divide(f0, scale))
     small = (d0 < 1e-5) | (d1 < 1e-5)
     h0 = jnp.where(small, 1e-6, 0.01 * d0 / jnp.where(small, 1.0, d1))
     h0 = jnp.minimum(h0, t_span)
-    f1 = f(t0 + h0, y0 + h0 * f0)
-    d2 = norm((f1 - f0) / scale) / h0
+    h0_y = h0.astype(_real_dtype(y0))
+    f1 = f(t0 + h0, tuple(y + h0_y * k for y, k in zip(y0, f0, strict=True)))
+    diff = tuple(a - b for a, b in zip(f1, f0, strict=True))
+    d2 = norm(tree_divide(diff, scale)) / h0
     dmax = jnp.maximum(d1, d2)
     h1 = jnp.where(
         dmax <= 1e-15,

@@ -1,8 +1,10 @@
 """The adaptive integration loop: a pure function on `lax.while_loop`.
 
-One loop iteration is one trial step. The state is a flat vector, time runs
-forwards (τ, see `_problem`), and outputs are written by a short inner loop over
-the output times that the accepted step covers, from the step's interpolant.
+One loop iteration is one trial step. The state is a tuple of flat vectors
+(the user's pytree flattened once into one; an adjoint's state, adjoint and
+parameter integral kept apart), and time runs forwards (τ, see `_problem`).
+Every attempt stores its step's interpolation data in the slot of the first
+output not yet covered; the outputs are evaluated after the loop.
 """
 
 from __future__ import annotations
@@ -21,16 +23,18 @@ from ._controller import (
     ConstantStepSize,
     Norm,
     PIController,
+    State,
     error_scale,
-    grouped_rms_norm,
     initial_step,
+    leafwise_rms_norm,
     rms_norm,
+    tree_divide,
 )
 from ._solution import RESULTS
 from ._solvers import AbstractSolver
 from ._stiffness import stiffness_at_failure
 
-FlatField = Callable[[Array, Array], Array]
+FlatField = Callable[[Array, State], State]
 
 
 class SolverConfig(eqx.Module):
@@ -42,7 +46,7 @@ class SolverConfig(eqx.Module):
     atol: float = eqx.field(static=True)
     dt0: float | None = eqx.field(static=True)
     max_steps: int = eqx.field(static=True)
-    norm_groups: tuple[int, ...] | None = eqx.field(default=None, static=True)
+    norm_leaves: tuple[int, ...] | None = eqx.field(default=None, static=True)
 
     @property
     def adaptive(self) -> bool:
@@ -51,10 +55,10 @@ class SolverConfig(eqx.Module):
 
     @property
     def norm(self) -> Norm:
-        """RMS over all components, or the max of per-group RMS norms."""
-        if self.norm_groups is None:
+        """RMS over all components, or the max of the chosen leaves' RMS norms."""
+        if self.norm_leaves is None:
             return rms_norm
-        return grouped_rms_norm(self.norm_groups)
+        return leafwise_rms_norm(self.norm_leaves)
 
 
 class Attempt(NamedTuple):
@@ -62,21 +66,25 @@ class Attempt(NamedTuple):
 
     t_new: Array
     h: Array
-    y1: Array
-    f1: Array
-    dense: Array
+    y1: State
+    f1: State
+    dense: State
     accept: Bool[Array, ""]
     finite: Bool[Array, ""]
     err: Array
     h_next: Array
 
 
+def _where(pred: Array, a: State, b: State) -> State:
+    return tuple(jnp.where(pred, x, y) for x, y in zip(a, b, strict=True))
+
+
 def attempt_step(
     config: SolverConfig,
     f: FlatField,
     t: Array,
-    y: Array,
-    f0: Array,
+    y: State,
+    f0: State,
     h_proposed: Array,
     t_target: Array,
     err_prev: Array,
@@ -99,10 +107,10 @@ def attempt_step(
     h = t_new - t_sg
     solver = config.solver
     step = solver.step(f, t, y, f0, h)
-    finite = jnp.isfinite(jnp.sum(jnp.real(step.y1)))
+    finite = jnp.all(jnp.stack([jnp.isfinite(jnp.sum(jnp.real(v))) for v in step.y1]))
     if config.adaptive:
         scale = error_scale(y, step.y1, config.rtol, config.atol)
-        err = lax.stop_gradient(config.norm(step.y_error / scale))
+        err = lax.stop_gradient(config.norm(tree_divide(step.y_error, scale)))
         finite = finite & jnp.isfinite(err)
         accept = finite & (err <= 1.0)
         factor = config.controller.factor(err, err_prev, accept, solver.error_exponent)
@@ -116,7 +124,7 @@ def attempt_step(
         )
         h_next = jnp.where(accept & rejected_last, jnp.minimum(h_next, h), h_next)
     else:
-        err = jnp.zeros((), jnp.real(y).dtype)
+        err = jnp.zeros((), jnp.real(y[0]).dtype)
         accept = finite
         h_next = jnp.full_like(h, config.dt0)
     return Attempt(t_new, h, step.y1, step.f1, step.dense, accept, finite, err, h_next)
@@ -177,13 +185,13 @@ class LoopStats(NamedTuple):
 
 class _ForwardState(NamedTuple):
     t: Array
-    y: Array
-    f0: Array
+    y: State
+    f0: State
     h: Array
     err_prev: Array
     rejected_last: Array
     out_index: Array
-    slots: Array
+    slots: State
     slot_times: Array
     written: Array
     out_steps: Array | None
@@ -191,15 +199,15 @@ class _ForwardState(NamedTuple):
     num_accepted: Array
     result: Array
     # Only when recording the accepted steps (for CheckpointAdjoint):
-    step_starts: Array | None
+    step_starts: State | None
     step_times: Array | None
 
 
 class StepRecord(NamedTuple):
-    """The accepted steps of a solve: `y_starts[k]` at `times[k]`, ending at
-    `times[k + 1]`; `count` steps are valid."""
+    """The accepted steps of a solve: state `y_starts[·][k]` at `times[k]`,
+    ending at `times[k + 1]`; `count` steps are valid."""
 
-    y_starts: Array
+    y_starts: tuple[Array, ...]
     times: Array
     count: Array
 
@@ -244,7 +252,7 @@ def first_step(
     return lax.cond(h0 > 0, lambda: (h0, zero), automatic)
 
 
-def _read_outputs(final: _ForwardState, tau_out, t0, y0) -> tuple[Array, Array | None]:
+def _read_outputs(final: _ForwardState, tau_out, t0, y0) -> tuple[State, Array | None]:
     """Evaluate each output from the slot of the step that covered it.
 
     Output times equal to t0 are y0 exactly, the last one (when reached) is the
@@ -253,14 +261,19 @@ def _read_outputs(final: _ForwardState, tau_out, t0, y0) -> tuple[Array, Array |
     n_out = tau_out.shape[0]
     index = jnp.arange(n_out, dtype=jnp.int32)
     owner = lax.cummax(jnp.where(final.written, index, 0))
-    data = final.slots[owner]
     start, h = final.slot_times[owner, 0], final.slot_times[owner, 1]
-    theta = ((tau_out - start) / h).astype(jnp.real(y0).dtype)
-    ys = jax.vmap(interp.evaluate)(data[:, 0], data[:, 1:], theta)
+    theta = ((tau_out - start) / h).astype(jnp.real(y0[0]).dtype)
     reached = index < final.out_index
-    ys = jnp.where(reached[:, None], ys, jnp.nan)
-    ys = jnp.where((index == n_out - 1)[:, None] & reached[-1], final.y, ys)
-    ys = jnp.where((tau_out == t0)[:, None], y0, ys)
+    last = (index == n_out - 1)[:, None] & reached[-1]
+    at_start = (tau_out == t0)[:, None]
+    ys = []
+    for slots, y_final, y_first in zip(final.slots, final.y, y0, strict=True):
+        data = slots[owner]
+        leaf = jax.vmap(interp.evaluate)(data[:, 0], data[:, 1:], theta)
+        leaf = jnp.where(reached[:, None], leaf, jnp.nan)
+        leaf = jnp.where(last, y_final, leaf)
+        ys.append(jnp.where(at_start, y_first, leaf))
+    ys = tuple(ys)
     out_steps = None if final.out_steps is None else final.out_steps[owner]
     return ys, out_steps
 
@@ -268,7 +281,7 @@ def _read_outputs(final: _ForwardState, tau_out, t0, y0) -> tuple[Array, Array |
 def integrate(
     config: SolverConfig,
     f: FlatField,
-    y0: Array,
+    y0: State,
     tau_out: Float[Array, " n_out"],
     h0: Array | None = None,
     record_steps: bool = False,
@@ -279,8 +292,10 @@ def integrate(
 
     **Arguments:**
 
-    - `f`: the flat vector field f(τ, y).
-    - `y0`: the flat initial state at tau_out[0].
+    - `f`: the vector field f(τ, y) on states that are tuples of flat vectors.
+    - `y0`: the initial state at tau_out[0], a tuple of flat vectors (one for a
+      plain solve; separate vectors stay separate, e.g. so that each keeps its
+      own sharding).
     - `tau_out`: increasing output times.
     - `h0`: a first step size to use instead of the configured one (if > 0).
     - `diagnose_stiffness`: on failure, estimate h·ρ(∂f/∂y) for the message
@@ -298,7 +313,7 @@ def integrate(
     n_out = tau_out.shape[0]
     f0 = f(t0, y0)
     h0, init_fevals = first_step(config, f, t0, y0, f0, t_end - t0, h0)
-    real = jnp.real(y0).dtype
+    real = jnp.real(y0[0]).dtype
     degree = config.solver.dense_degree
 
     # Dense output without an inner loop: every attempt writes its step's
@@ -310,11 +325,15 @@ def integrate(
 
     def write_slot(state: _ForwardState, attempt: Attempt):
         k = state.out_index
-        data = jnp.concatenate([state.y[None], attempt.dense])
         update = lambda buffer, value: lax.dynamic_update_slice(
             buffer, value[None], (k,) + (jnp.zeros((), jnp.int32),) * value.ndim
         )
-        slots = update(state.slots, data)
+        slots = tuple(
+            update(buffer, jnp.concatenate([y[None], dense]))
+            for buffer, y, dense in zip(
+                state.slots, state.y, attempt.dense, strict=True
+            )
+        )
         times = update(state.slot_times, jnp.stack([state.t, attempt.h]))
         written = update(state.written, jnp.ones((), bool))
         out_steps = state.out_steps
@@ -348,12 +367,15 @@ def integrate(
             # Written unconditionally: after a rejection slot k is rewritten by the
             # next attempt, since k only advances on acceptance.
             k = state.num_accepted
-            step_starts = lax.dynamic_update_index_in_dim(step_starts, state.y, k, 0)
+            step_starts = tuple(
+                lax.dynamic_update_index_in_dim(buffer, y, k, 0)
+                for buffer, y in zip(step_starts, state.y, strict=True)
+            )
             step_times = step_times.at[k + 1].set(attempt.t_new)
         return _ForwardState(
             t=t,
-            y=jnp.where(accept, attempt.y1, state.y),
-            f0=jnp.where(accept, attempt.f1, state.f0),
+            y=_where(accept, attempt.y1, state.y),
+            f0=_where(accept, attempt.f1, state.f0),
             h=attempt.h_next,
             err_prev=jnp.where(accept, jnp.maximum(attempt.err, 1e-4), state.err_prev),
             rejected_last=~accept,
@@ -378,7 +400,7 @@ def integrate(
         err_prev=jnp.ones((), real),
         rejected_last=jnp.zeros((), bool),
         out_index=jnp.ones((), jnp.int32),
-        slots=jnp.zeros((n_out, degree + 1) + y0.shape, y0.dtype),
+        slots=tuple(jnp.zeros((n_out, degree + 1) + y.shape, y.dtype) for y in y0),
         slot_times=jnp.ones((n_out, 2), t0.dtype),
         written=jnp.zeros(n_out, bool),
         out_steps=jnp.zeros(n_out, jnp.int32) if record_output_steps else None,
@@ -386,7 +408,7 @@ def integrate(
         num_accepted=zero,
         result=zero,
         step_starts=(
-            jnp.zeros((config.max_steps,) + y0.shape, y0.dtype)
+            tuple(jnp.zeros((config.max_steps,) + y.shape, y.dtype) for y in y0)
             if record_steps
             else None
         ),

@@ -24,7 +24,7 @@ from ._solvers import AbstractSolver
 
 
 class ODEProblem(eqx.Module):
-    """A flattened problem: `f_flat(τ, y_flat, params, direction) -> dy/dτ`.
+    """A flattened problem: `f_flat(τ, (y_flat,), params, direction) -> (dy/dτ,)`.
 
     `unravel` rebuilds the user's pytree from a flat vector.
     """
@@ -32,12 +32,16 @@ class ODEProblem(eqx.Module):
     field: Callable = eqx.field(static=True)
     unravel: Callable = eqx.field(static=True)
 
-    def f_flat(self, tau: Array, y: Array, params: PyTree, direction: Array) -> Array:
+    def f_flat(
+        self, tau: Array, state: tuple[Array], params: PyTree, direction: Array
+    ) -> tuple[Array]:
+        """dy/dτ for the state `(y_flat,)`."""
+        (y,) = state
         field_arrays, args, consts = params
         t = direction * tau
         out = self.field(field_arrays, consts)(t, self.unravel(y), args)
         flat, _ = ravel_pytree(out)
-        return (direction * flat).astype(y.dtype)
+        return ((direction * flat).astype(y.dtype),)
 
 
 def _describe(tree: PyTree) -> str:

@@ -67,7 +67,7 @@ def solve(
     config, problem, params, y0_flat, ts = _prepare(
         f, y0, ts, args, solver, rtol, atol, dt0, max_steps, adjoint, controller
     )
-    ys_flat, stats = adjoint.loop(config, problem, params, y0_flat, ts)
+    (ys_flat,), stats = adjoint.loop(config, problem, params, (y0_flat,), ts)
     if throw:
         direction = jnp.sign(ts[-1] - ts[0])
         raise_if_failed(
@@ -148,8 +148,8 @@ def backward_stats(
     grid, out_index = adjoint._grid(tau)
     f_flat = lambda t, y: problem.f_flat(t, y, params, direction)
     record = adjoint.checkpoints > 0
-    ys_grid, forward = integrate(
-        config, f_flat, y0_flat, grid, record_output_steps=record
+    (ys_grid,), forward = integrate(
+        config, f_flat, (y0_flat,), grid, record_output_steps=record
     )
     ys_flat = ys_grid[out_index]
     if loss is None:
@@ -164,8 +164,8 @@ def backward_stats(
         params,
         direction,
         tau,
-        ys_grid,
-        ys_grid_bar,
+        (ys_grid,),
+        (ys_grid_bar,),
         forward.output_steps,
     )
     return {**_stats_dict(stats), "result": stats.result}

@@ -12,7 +12,8 @@ from jaxtyping import Array
 from . import _interpolation as interp, _tableaus as tableaus
 from ._tableaus import ButcherTableau
 
-FlatField = Callable[[Array, Array], Array]
+State = tuple[Array, ...]
+FlatField = Callable[[Array, State], State]
 
 
 class StepResult(NamedTuple):
@@ -23,23 +24,31 @@ class StepResult(NamedTuple):
     `_interpolation.evaluate`).
     """
 
-    y1: Array
-    y_error: Array
-    f1: Array
-    dense: Array
+    y1: State
+    y_error: State
+    f1: State
+    dense: State
 
 
-def _combine(y: Array, h: Array, weights, stages: list[Array]) -> Array:
-    """y + h Σ_j w_j k_j, skipping zero weights so XLA fuses one expression."""
+def _combine_leaf(y: Array, h: Array, weights, stages: list[Array]) -> Array:
     terms = [float(w) * k for w, k in zip(weights, stages, strict=False) if w != 0.0]
     if not terms:
         return y
     return y + h * sum(terms[1:], terms[0])
 
 
+def _combine(y: State, h: Array, weights, stages: list[State]) -> State:
+    """y + h Σ_j w_j k_j for every leaf, skipping zero weights so that XLA fuses
+    one expression per leaf."""
+    return tuple(
+        _combine_leaf(leaf, h, weights, [k[i] for k in stages])
+        for i, leaf in enumerate(y)
+    )
+
+
 def runge_kutta_step(
-    tableau: ButcherTableau, f: FlatField, t: Array, y: Array, f0: Array, h: Array
-) -> tuple[Array, Array, Array, list[Array], Array]:
+    tableau: ButcherTableau, f: FlatField, t: Array, y: State, f0: State, h: Array
+) -> tuple[State, State, State, list[State]]:
     """The generic explicit RK step: stages k_i = f(t + c_i h, y + h Σ a_ij k_j).
 
     `f0 = f(t, y)` is passed in (from the previous step's `f1`), so an FSAL method
@@ -47,7 +56,7 @@ def runge_kutta_step(
 
     **Returns:** `(y1, y_error, f1, stages)`.
     """
-    h_y = h.astype(jnp.real(y).dtype)
+    h_y = h.astype(jnp.real(y[0]).dtype)
     stages = [f0]
     stage_input = y
     for i in range(1, tableau.num_stages):
@@ -58,10 +67,11 @@ def runge_kutta_step(
     else:
         y1 = _combine(y, h_y, tableau.b, stages)
         f1 = f(t + h, y1)
+    zeros = tuple(jnp.zeros_like(leaf) for leaf in y)
     if tableau.b_error is None:
-        y_error = jnp.zeros_like(y)
+        y_error = zeros
     else:
-        y_error = _combine(jnp.zeros_like(y), h_y, tableau.b_error, stages)
+        y_error = _combine(zeros, h_y, tableau.b_error, stages)
     return y1, y_error, f1, stages
 
 
@@ -103,16 +113,22 @@ class AbstractSolver(eqx.Module):
     def fevals_per_step(self) -> int:
         return self.tableau.num_stages - 1 + (0 if self.tableau.fsal else 1)
 
-    def step(self, f: FlatField, t: Array, y: Array, f0: Array, h: Array) -> StepResult:
+    def step(self, f: FlatField, t: Array, y: State, f0: State, h: Array) -> StepResult:
         """Take one trial step of size h from (t, y) with f0 = f(t, y)."""
         y1, y_error, f1, stages = runge_kutta_step(self.tableau, f, t, y, f0, h)
-        h_y = h.astype(jnp.real(y).dtype)
-        if self.interpolation == "polynomial":
-            dense = interp.polynomial_coefficients(self.tableau.dense, stages, h_y)
-        elif self.interpolation == "hermite":
-            dense = interp.hermite_coefficients(y, y1, f0, f1, h_y)
-        else:
-            dense = interp.linear_coefficients(y, y1)
+        h_y = h.astype(jnp.real(y[0]).dtype)
+        dense = []
+        for i, leaf in enumerate(y):
+            if self.interpolation == "polynomial":
+                coeffs = interp.polynomial_coefficients(
+                    self.tableau.dense, [k[i] for k in stages], h_y
+                )
+            elif self.interpolation == "hermite":
+                coeffs = interp.hermite_coefficients(leaf, y1[i], f0[i], f1[i], h_y)
+            else:
+                coeffs = interp.linear_coefficients(leaf, y1[i])
+            dense.append(coeffs)
+        dense = tuple(dense)
         return StepResult(y1, y_error, f1, dense)
 
 

@@ -14,7 +14,7 @@ from ._controller import rms_norm
 _POWER_ITERATIONS = 16
 
 
-def spectral_radius(f: Callable[[Array, Array], Array], t: Array, y: Array) -> Array:
+def spectral_radius(f: Callable, t: Array, y: tuple[Array, ...]) -> Array:
     """Estimate the largest |eigenvalue| of ∂f/∂y at (t, y) by power iteration.
 
     Uses Jacobian–vector products only; a complex pair or a near-defective
@@ -23,24 +23,33 @@ def spectral_radius(f: Callable[[Array, Array], Array], t: Array, y: Array) -> A
     from an accuracy-limited one (h·ρ ≪ 1).
     """
     jvp = lambda v: jax.jvp(lambda x: f(t, x), (y,), (v,))[1]
-    n = y.shape[0]
+    real = jnp.real(y[0]).dtype
+    tiny = jnp.finfo(real).tiny
+
+    def normalise(v):
+        scale = jnp.maximum(rms_norm(v), tiny)
+        return tuple(leaf / scale.astype(leaf.dtype) for leaf in v)
+
     # A deterministic start with components in every direction.
-    v = (1.0 + jnp.cos(1.7 * jnp.arange(n, dtype=jnp.real(y).dtype))).astype(y.dtype)
+    v = tuple(
+        (1.0 + jnp.cos(1.7 * jnp.arange(leaf.size, dtype=real) + i)).astype(leaf.dtype)
+        for i, leaf in enumerate(y)
+    )
 
     def body(_, v):
-        w = jvp(v / jnp.maximum(rms_norm(v), jnp.finfo(jnp.real(v).dtype).tiny))
-        return jnp.where(jnp.all(jnp.isfinite(w)), w, v)
+        w = jvp(normalise(v))
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in w]))
+        return tuple(jnp.where(finite, a, b) for a, b in zip(w, v, strict=True))
 
     v = lax.fori_loop(0, _POWER_ITERATIONS, body, v)
-    v = v / jnp.maximum(rms_norm(v), jnp.finfo(jnp.real(v).dtype).tiny)
-    return rms_norm(jvp(v))
+    return rms_norm(jvp(normalise(v)))
 
 
 def stiffness_at_failure(
-    f: Callable[[Array, Array], Array], t: Array, y: Array, h: Array, failed: Array
+    f: Callable, t: Array, y: tuple[Array, ...], h: Array, failed: Array
 ) -> Array:
     """h·ρ(∂f/∂y) where the solve failed, computed only when it did."""
-    real = jnp.real(y).dtype
+    real = jnp.real(y[0]).dtype
     return lax.cond(
         failed,
         lambda: (jnp.abs(h).astype(real) * spectral_radius(f, t, y)).astype(real),

@@ -151,23 +151,21 @@ def test_checkpoint_equals_autodiff_of_unrolled_steps(solver, controller, key):
     ts = jnp.array([0.0, 0.25, 0.6, n * dt])
 
     def unrolled(field, y0):
-        f = lambda t, y: field(t, y, None)
-        t, y, out = 0.0, y0, [y0]
+        # The solver's state is a tuple of flat vectors.
+        f = lambda t, y: (field(t, y[0], None),)
+        t, y, out = 0.0, (y0,), [y0]
         tableau = solver.tableau
         for _ in range(n):
             h = jnp.asarray(dt)
-            y1, _, f1, stages = no._solvers.runge_kutta_step(
-                tableau, f, jnp.asarray(t), y, f(jnp.asarray(t), y), h
-            )
+            t_ = jnp.asarray(t)
+            y1, _, _, _ = no._solvers.runge_kutta_step(tableau, f, t_, y, f(t_, y), h)
             for t_out in (0.25, 0.6):
                 if t < t_out <= t + dt + 1e-12:
-                    dense = solver.step(
-                        f, jnp.asarray(t), y, f(jnp.asarray(t), y), h
-                    ).dense
-                    theta = (t_out - t) / dt
-                    out.append(no._interpolation.evaluate(y, dense, jnp.asarray(theta)))
+                    (dense,) = solver.step(f, t_, y, f(t_, y), h).dense
+                    theta = jnp.asarray((t_out - t) / dt)
+                    out.append(no._interpolation.evaluate(y[0], dense, theta))
             t, y = t + dt, y1
-        out.append(y)
+        out.append(y[0])
         return jnp.sum(jnp.stack(out) ** 2)
 
     def via_solve(field, y0):

@@ -194,15 +194,7 @@ def _close(a, b, rtol=1e-12, atol=1e-13):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
 
 
-_BACKSOLVE_SHARDING = (
-    "Known limitation: BacksolveAdjoint's backward state concatenates the "
-    "batch-sharded z and a with the replicated parameter integral into one flat "
-    "vector, which the partitioner cannot keep sharded (issue 7 stays open)"
-)
-
-
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=_BACKSOLVE_SHARDING)
 def test_sharded_compilation_has_no_involuntary_rematerialization(runs):
     (_, stderr), (_, stderr_1) = runs[4], runs[1]
     checked, control = stderr.split("@@@CONTROL@@@", 1)
@@ -226,7 +218,6 @@ def test_sharded_solves_equal_unsharded(runs):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=_BACKSOLVE_SHARDING)
 def test_sharded_gradients_equal_unsharded(runs):
     (four, _), (one, _) = runs[4], runs[1]
     _close(four["grad_checkpoint"], one["grad_checkpoint"])
