@@ -75,7 +75,7 @@ def test_cnf_quick_regularized(tmp_path):
 
 
 @pytest.mark.slow
-def test_digits_quick_then_resume_on_two_devices(tmp_path):
+def test_digits_quick_then_resume_on_four_devices(tmp_path):
     metrics = _main(["digits", "--quick", "--out", str(tmp_path)])
     _assert_files(tmp_path, "predictions.png", "loss.png")
     assert metrics["steps"] == 5
@@ -83,13 +83,13 @@ def test_digits_quick_then_resume_on_two_devices(tmp_path):
     assert metrics["nfe_forward_per_batch"] > 0
     assert metrics["nfe_backward_per_batch"] > 0
     # The console entry point in a fresh process: continue to step 7, with the
-    # batch split over two (virtual CPU) devices.
+    # batch split over four (virtual CPU) devices.
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    argv = ["--resume", str(tmp_path), "--steps", "7", "--devices", "2"]
+    argv = ["--resume", str(tmp_path), "--steps", "7", "--devices", "4"]
     cmd = [sys.executable, "-m", "neuralode", "digits", *argv, "--no-progress"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Resumed digits" in proc.stderr
     resumed = json.loads((tmp_path / "metrics.json").read_text())
-    assert resumed["steps"] == 7 and resumed["devices"] == 2
+    assert resumed["steps"] == 7 and resumed["devices"] == 4
     assert [row["step"] for row in resumed["history"]] == [6, 7]
