@@ -26,10 +26,12 @@ from ._solvers import AbstractSolver
 class ODEProblem(eqx.Module):
     """A flattened problem: `f_flat(τ, (y_flat,), params, direction) -> (dy/dτ,)`.
 
-    `unravel` rebuilds the user's pytree from a flat vector.
+    `ravel` flattens a pytree like the user's y into one vector and `unravel`
+    rebuilds it.
     """
 
     field: Callable = eqx.field(static=True)
+    ravel: Callable = eqx.field(static=True)
     unravel: Callable = eqx.field(static=True)
 
     def f_flat(
@@ -40,7 +42,7 @@ class ODEProblem(eqx.Module):
         field_arrays, args, consts = params
         t = direction * tau
         out = self.field(field_arrays, consts)(t, self.unravel(y), args)
-        flat, _ = ravel_pytree(out)
+        flat = self.ravel(out)
         return ((direction * flat).astype(y.dtype),)
 
 
@@ -146,6 +148,44 @@ def check_steps(
     return dt0
 
 
+def flattener(y0: PyTree) -> tuple[Callable, Callable]:
+    """`(ravel, unravel)` between pytrees like y0 and one flat vector.
+
+    When every leaf has the same dtype and the same leading (batch) size B > 1,
+    the vector is laid out batch-first: row b holds every leaf's entries of
+    sample b. A batch sharded along its leading axis then stays block-sharded
+    in the flat vector. Otherwise this is `jax.flatten_util.ravel_pytree`. The
+    RMS error norm does not depend on the order.
+    """
+    leaves, treedef = jax.tree.flatten(y0)
+    dtypes = {jnp.result_type(leaf) for leaf in leaves}
+    batch = {jnp.shape(leaf)[0] if jnp.ndim(leaf) else None for leaf in leaves}
+    if len(leaves) < 2 or len(dtypes) != 1 or len(batch) != 1 or None in batch:
+        _, unravel = ravel_pytree(y0)
+        return (lambda tree: ravel_pytree(tree)[0]), unravel
+    (b,) = batch
+    if b < 2:
+        _, unravel = ravel_pytree(y0)
+        return (lambda tree: ravel_pytree(tree)[0]), unravel
+    shapes = [jnp.shape(leaf) for leaf in leaves]
+    widths = [int(np.prod(shape[1:], dtype=int)) for shape in shapes]
+    (dtype,) = dtypes
+
+    def ravel(tree: PyTree) -> Array:
+        rows = [jnp.reshape(leaf, (b, -1)) for leaf in jax.tree.leaves(tree)]
+        return jnp.concatenate(rows, axis=1).reshape(-1).astype(dtype)
+
+    def unravel(flat: Array) -> PyTree:
+        rows = jnp.reshape(flat, (b, -1))
+        out, start = [], 0
+        for shape, width in zip(shapes, widths, strict=True):
+            out.append(jnp.reshape(rows[:, start : start + width], shape))
+            start += width
+        return jax.tree.unflatten(treedef, out)
+
+    return ravel, unravel
+
+
 def _split_field(f: Callable) -> tuple[PyTree, Callable]:
     """Separate the array leaves of an equinox.Module field from its static rest."""
     if isinstance(f, eqx.Module):
@@ -165,7 +205,8 @@ def make_problem(
     if not callable(f):
         raise TypeError(f"neuralode: f must be callable as f(t, y, args), got {f!r}")
     field_arrays, rebuild = _split_field(f)
-    y0_flat, unravel = ravel_pytree(y0)
+    ravel, unravel = flattener(y0)
+    y0_flat = ravel(y0)
     t0 = jnp.asarray(t0)
 
     def call(field_arrays, t, y, args):
@@ -200,7 +241,7 @@ def make_problem(
     def field(field_arrays, consts):
         return lambda t, y, args: converted(field_arrays, t, y, args, *consts)
 
-    problem = ODEProblem(field=field, unravel=unravel)
+    problem = ODEProblem(field=field, ravel=ravel, unravel=unravel)
     params = jax.tree.map(_as_array, (field_arrays, args, list(consts)))
     return problem, params, y0_flat
 

@@ -7,7 +7,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, ArrayLike, PyTree
 
 from ._adjoint import AbstractAdjoint, BacksolveAdjoint
@@ -156,7 +155,7 @@ def backward_stats(
         ys_bar = ys_flat
     else:
         ys_tree = jax.vmap(problem.unravel)(ys_flat)
-        ys_bar = jax.vmap(lambda y: ravel_pytree(y)[0])(jax.grad(loss)(ys_tree))
+        ys_bar = jax.vmap(problem.ravel)(jax.grad(loss)(ys_tree))
     ys_grid_bar = jnp.zeros_like(ys_grid).at[out_index].add(ys_bar)
     _, stats = adjoint.backward(
         config,
