@@ -280,10 +280,7 @@ class BacksolveAdjoint(AbstractAdjoint):
 
         def forward(params_arrays, y0, tau, direction, h0):
             params = eqx.combine(params_arrays, params_static)
-            f = lambda t, y: problem.f_flat(t, y, params, direction)
-            grid = self._grid(tau)[0]
-            record = self.checkpoints > 0
-            return integrate(config, f, y0, grid, h0, record_output_steps=record)
+            return self.forward(config, problem, params, direction, y0, tau, h0)
 
         def backward(
             ys_grid, fwd_stats, params_arrays, y0, tau, direction, ys_grid_bar
@@ -315,6 +312,17 @@ class BacksolveAdjoint(AbstractAdjoint):
         ys_grid, stats = solve(params_arrays, y0, tau, direction, h0)
         out_index = self._grid(tau)[1]
         return tuple(leaf[out_index] for leaf in ys_grid), stats
+
+    def forward(self, config, problem, params, direction, y0, tau, h0=None):
+        """The forward solve on the output-and-checkpoint grid `self._grid(tau)`.
+
+        **Returns:** `(ys_grid, stats)`, with the forward step count at every
+        grid time in `stats.output_steps` when there are checkpoints.
+        """
+        f = lambda t, y: problem.f_flat(t, y, params, direction)
+        grid = self._grid(tau)[0]
+        record = self.checkpoints > 0
+        return integrate(config, f, y0, grid, h0, record_output_steps=record)
 
     def backward(
         self,

@@ -12,7 +12,7 @@ from jaxtyping import Array, ArrayLike, PyTree
 from ._adjoint import AbstractAdjoint, BacksolveAdjoint
 from ._controller import ConstantStepSize, PIController
 from ._failure import raise_if_failed
-from ._integrate import LoopStats, SolverConfig, integrate
+from ._integrate import LoopStats, SolverConfig
 from ._problem import check_steps, check_tolerances, check_ts, make_problem
 from ._solution import Solution
 from ._solvers import AbstractSolver, Dopri5
@@ -144,11 +144,9 @@ def backward_stats(
     )
     direction = jnp.sign(ts[-1] - ts[0])
     tau = direction * ts
-    grid, out_index = adjoint._grid(tau)
-    f_flat = lambda t, y: problem.f_flat(t, y, params, direction)
-    record = adjoint.checkpoints > 0
-    (ys_grid,), forward = integrate(
-        config, f_flat, (y0_flat,), grid, record_output_steps=record
+    out_index = adjoint._grid(tau)[1]
+    (ys_grid,), forward = adjoint.forward(
+        config, problem, params, direction, (y0_flat,), tau
     )
     ys_flat = ys_grid[out_index]
     if loss is None:
