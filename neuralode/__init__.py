@@ -6,9 +6,9 @@ from . import cnf as cnf, datasets as datasets, nn as nn, parallel as parallel
 from ._adjoint import (
     AbstractAdjoint as AbstractAdjoint,
     BacksolveAdjoint as BacksolveAdjoint,
-    CheckpointAdjoint as CheckpointAdjoint,
     ForwardMode as ForwardMode,
 )
+from ._checkpoint_adjoint import CheckpointAdjoint as CheckpointAdjoint
 from ._controller import (
     ConstantStepSize as ConstantStepSize,
     PIController as PIController,
