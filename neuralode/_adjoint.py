@@ -322,7 +322,13 @@ class BacksolveAdjoint(AbstractAdjoint):
         f = lambda t, y: problem.f_flat(t, y, params, direction)
         grid = self._grid(tau)[0]
         record = self.checkpoints > 0
-        return integrate(config, f, y0, grid, h0, record_output_steps=record)
+        # The stiffness diagnosis of an adjoint solve would differentiate a VJP:
+        # it doubles the gradient's compile time, and the forward solve has one.
+        diagnose = not isinstance(problem, AdjointProblem)
+        return integrate(
+            config, f, y0, grid, h0, diagnose_stiffness=diagnose,
+            record_output_steps=record,
+        )  # fmt: skip
 
     def backward(
         self,

@@ -176,7 +176,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(ctx: Run) -> dict[str, Any]:
     """Train the latent ODE on the ELBO and score it on held-out spirals."""
     args = ctx.args
-    steps = args.steps or (4 if args.quick else 2000)
+    steps = args.steps or (4 if args.quick else 6000)
     if args.quick:
         args.num_train, args.num_test, args.batch_size = 32, 8, 8
         args.hidden, args.width, args.window, args.num_obs = 8, 8, 40, 8
