@@ -248,6 +248,22 @@ def test_gradient_of_gradient(adjoint):
     assert np.isclose(float(second), float(fd), rtol=1e-6)
 
 
+@pytest.mark.parametrize("adjoint", ADJOINTS, ids=adjoint_name)
+def test_second_derivative_under_vmap_matches_closed_form(adjoint):
+    """d²/dk² of y(T) for dy/dt = -k y is T² y0 exp(-kT), batched over k."""
+
+    def y_end(k, y0, t1):
+        ts = jnp.stack([jnp.zeros_like(t1), t1])
+        f = lambda t, y, k: -k * y
+        return no.odeint(f, y0, ts, k, adjoint=adjoint, **TOL)[-1]
+
+    k = jnp.array([0.3, 0.8, 1.5])
+    y0, t1 = jnp.array([1.0, 2.0, -0.5]), jnp.array([1.0, 0.5, 2.0])
+    second = jax.jit(jax.vmap(jax.grad(jax.grad(y_end))))(k, y0, t1)
+    want = np.asarray(t1**2 * y0 * jnp.exp(-k * t1))
+    assert np.allclose(second, want, rtol=1e-7)
+
+
 def test_integer_and_boolean_args_get_no_gradient():
     def field(t, y, args):
         return -args["k"] * y * args["n"] * jnp.where(args["flag"], 1.0, 2.0)
