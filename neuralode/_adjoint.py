@@ -15,6 +15,7 @@ import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import numpy as np
+from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, PyTree
 
@@ -117,29 +118,52 @@ def _time_cotangents(problem, params, direction, tau, ys, ys_bar, a0) -> Array:
     return dots.at[0].set(first).astype(tau.dtype)
 
 
+def _is_symbolic_zero(x) -> bool:
+    return isinstance(x, SymbolicZero)
+
+
+def _instantiate(cotangent):
+    """Zeros in place of JAX's symbolic zeros."""
+    return jax.tree.map(
+        lambda c: jnp.zeros(c.shape, c.dtype) if _is_symbolic_zero(c) else c,
+        cotangent,
+        is_leaf=_is_symbolic_zero,
+    )
+
+
 def _custom_vjp_loop(forward, backward):
     """A `custom_vjp` solve of (params_arrays, y0, tau, direction, h0).
 
-    `forward(...) -> (ys, stats)` and `backward(ys, stats, params_arrays, y0,
-    tau, direction, ys_bar) -> (params_bar, y0_bar, tau_bar)`. The forward rule calls
-    the custom function itself, so that differentiating the backward pass again
-    (gradients of gradients) goes through this same rule. Direction and first
-    step get no gradient.
+    `forward(...) -> (out, stats)` and `backward(out, stats, params_arrays, y0,
+    tau, direction, out_bar) -> (params_bar, y0_bar, tau_bar)`, where the leaves
+    of `out_bar` that JAX knows to be zero are `SymbolicZero`s (so that a
+    backward pass can skip buffers nobody differentiates; `_instantiate` turns
+    them into arrays). The forward rule calls the custom function itself, so
+    that differentiating the backward pass again (gradients of gradients) goes
+    through this same rule. Direction and first step get no gradient.
     """
 
     @jax.custom_vjp
     def solve(params_arrays, y0, tau, direction, h0):
         return forward(_as_arrays(params_arrays), y0, tau, direction, h0)
 
-    def fwd(params_arrays, y0, tau, direction, h0):
-        ys, stats = solve(params_arrays, y0, tau, direction, h0)
-        return (ys, stats), (ys, stats, params_arrays, y0, tau, direction, h0)
+    def fwd(*primals):
+        primals = tuple(
+            jax.tree.map(
+                lambda p: p.value,
+                x,
+                is_leaf=lambda p: isinstance(p, CustomVJPPrimal),
+            )
+            for x in primals
+        )
+        out, stats = solve(*primals)
+        return (out, stats), (out, stats, *primals)
 
     def bwd(residuals, cotangents):
-        ys, stats, params_arrays, y0, tau, direction, h0 = residuals
+        out, stats, params_arrays, y0, tau, direction, h0 = residuals
         params_arrays = _as_arrays(params_arrays)
         params_bar, y0_bar, tau_bar = backward(
-            ys, stats, params_arrays, y0, tau, direction, cotangents[0]
+            out, stats, params_arrays, y0, tau, direction, cotangents[0]
         )
         params_bar = _parameter_cotangents(params_bar, params_arrays)
         return (
@@ -150,7 +174,7 @@ def _custom_vjp_loop(forward, backward):
             jnp.zeros_like(h0),
         )
 
-    solve.defvjp(fwd, bwd)
+    solve.defvjp(fwd, bwd, symbolic_zeros=True)
     return solve
 
 
@@ -293,7 +317,7 @@ class BacksolveAdjoint(AbstractAdjoint):
                 direction,
                 tau,
                 ys_grid,
-                ys_grid_bar,
+                _instantiate(ys_grid_bar),
                 fwd_stats.output_steps,
             )
             raise_if_failed(

@@ -34,6 +34,8 @@ from ._adjoint import (
     _custom_vjp_loop,
     _direction_and_tau,
     _first_step_argument,
+    _instantiate,
+    _is_symbolic_zero,
     _time_cotangents,
 )
 from ._controller import State
@@ -61,33 +63,43 @@ def _float0_like(x):
     return np.zeros(jnp.shape(x), dtype=jax.dtypes.float0)
 
 
-def _reverse_sweep(step: StepFn) -> Callable:
-    """S(Y, θ, Ȳ, ȳ_N, times, count) -> (a_0, g), as a custom_vjp (module doc)."""
+def _reverse_sweep(step: StepFn, state_cotangents: bool) -> Callable:
+    """S(Y, θ, Ȳ, ȳ_N, times, count) -> (a_0, g), as a custom_vjp (module doc).
+
+    Without `state_cotangents` the argument Ȳ is None (first-order use, where
+    nothing differentiates the stored states), and no buffer of zeros is read.
+    """
 
     def end_state(y, theta, k, times):
         return step(y, theta, times[k], times[k + 1])[0]
 
-    @jax.custom_vjp
-    def sweep(ys, theta, ys_bar, seed, times, count):
-        a0, g, _ = sweep_storing(ys, theta, ys_bar, seed, times, count)
-        return a0, g
+    def run(ys, theta, ys_bar, seed, times, count, store: bool):
+        """The sweep; with `store`, also the adjoints a_{k+1} entering each step."""
 
-    def sweep_storing(ys, theta, ys_bar, seed, times, count):
         def body(carry):
             k, a, g, adjoints = carry
-            adjoints = _put(adjoints, k, a)  # a_{k+1}, for the tangent sweep
+            if store:
+                adjoints = _put(adjoints, k, a)
             _, vjp = jax.vjp(
                 lambda y, th: end_state(y, th, k, times), _at(ys, k), theta
             )
             a_y, a_theta = vjp(a)
-            return k - 1, _add(a_y, _at(ys_bar, k)), g + a_theta, adjoints
+            if state_cotangents:
+                a_y = _add(a_y, _at(ys_bar, k))
+            return k - 1, a_y, g + a_theta, adjoints
 
-        init = (count - 1, seed, jnp.zeros_like(theta), tuple(map(jnp.zeros_like, ys)))
+        adjoints = tuple(map(jnp.zeros_like, ys)) if store else ()
+        init = (count - 1, seed, jnp.zeros_like(theta), adjoints)
         _, a0, g, adjoints = lax.while_loop(lambda c: c[0] >= 0, body, init)
         return a0, g, adjoints
 
+    @jax.custom_vjp
+    def sweep(ys, theta, ys_bar, seed, times, count):
+        a0, g, _ = run(ys, theta, ys_bar, seed, times, count, store=False)
+        return a0, g
+
     def fwd(ys, theta, ys_bar, seed, times, count):
-        a0, g, adjoints = sweep_storing(ys, theta, ys_bar, seed, times, count)
+        a0, g, adjoints = run(ys, theta, ys_bar, seed, times, count, store=True)
         return (a0, g), (ys, theta, adjoints, times, count)
 
     def bwd(residuals, cotangents):
@@ -105,11 +117,13 @@ def _reverse_sweep(step: StepFn) -> Callable:
             b_next, vjp = jax.vjp(tangent, _at(ys, k), theta)
             y_cot, th_cot = vjp(_at(adjoints, k))
             ys_cot = _put(ys_cot, k, y_cot)
-            ys_bar_cot = _put(ys_bar_cot, k, b)
+            if state_cotangents:
+                ys_bar_cot = _put(ys_bar_cot, k, b)
             return k + 1, b_next, ys_cot, theta_cot + th_cot, ys_bar_cot
 
         zeros = tuple(map(jnp.zeros_like, ys))
-        init = (jnp.zeros_like(count), c, zeros, jnp.zeros_like(theta), zeros)
+        ys_bar_cot = zeros if state_cotangents else None
+        init = (jnp.zeros_like(count), c, zeros, jnp.zeros_like(theta), ys_bar_cot)
         _, b, ys_cot, theta_cot, ys_bar_cot = lax.while_loop(
             lambda carry: carry[0] < count, body, init
         )
@@ -161,9 +175,13 @@ class CheckpointAdjoint(AbstractAdjoint):
         def backward(residual, _, params_arrays, y0, tau, direction, cotangent):
             (ys, record), (ys_bar, record_bar) = residual, cotangent
             params = eqx.combine(params_arrays, params_static)
+            # The stored states have cotangents only in second-order use.
+            starts_bar = record_bar.y_starts
+            if all(map(_is_symbolic_zero, starts_bar)):
+                starts_bar = None
             return self.backward(
-                config, problem, params, direction, tau, ys, record, ys_bar,
-                record_bar.y_starts,
+                config, problem, params, direction, tau, ys, record,
+                _instantiate(ys_bar), _instantiate(starts_bar),
             )  # fmt: skip
 
         solve = _custom_vjp_loop(forward, backward)
@@ -221,11 +239,13 @@ class CheckpointAdjoint(AbstractAdjoint):
             y_bar, theta_bar = vjp(
                 tuple(jnp.where(mask, bar[inner], 0) for bar in ys_bar)
             )
+            if starts_bar is None:
+                starts_bar = tuple(map(jnp.zeros_like, record.y_starts))
             starts_bar = tuple(
                 s.at[k].add(jnp.where(mask, b, 0))
                 for s, b in zip(starts_bar, y_bar, strict=True)
             )
-        sweep = _reverse_sweep(step)
+        sweep = _reverse_sweep(step, state_cotangents=starts_bar is not None)
         seed = tuple(bar[-1] for bar in ys_bar)
         a0, g = sweep(record.y_starts, theta, starts_bar, seed, times, record.count)
         a_before = _add(a0, y0_direct)
