@@ -131,24 +131,30 @@ def _instantiate(cotangent):
     )
 
 
-def _custom_vjp_loop(forward, backward):
+def _custom_vjp_loop(forward, backward, primal=None, select=None, expand=None):
     """A `custom_vjp` solve of (params_arrays, y0, tau, direction, h0).
 
     `forward(...) -> (out, stats)` and `backward(out, stats, params_arrays, y0,
     tau, direction, out_bar) -> (params_bar, y0_bar, tau_bar)`, where the leaves
-    of `out_bar` that JAX knows to be zero are `SymbolicZero`s (so that a
-    backward pass can skip buffers nobody differentiates; `_instantiate` turns
+    of `out_bar` that JAX knows to be zero are `SymbolicZero`s or None (so that
+    a backward pass can skip buffers nobody differentiates; `_instantiate` turns
     them into arrays). The forward rule calls the custom function itself, so
     that differentiating the backward pass again (gradients of gradients) goes
     through this same rule. Direction and first step get no gradient.
+
+    With `primal(...) -> (ys, stats)`, the returned function computes only that
+    when it is not differentiated (a solve without the extra states `forward`
+    keeps for the backward pass); differentiated, it returns
+    `select(out, tau) -> ys` of `forward`'s output, and `expand(out, tau, ys_bar)`
+    gives `backward` its `out_bar`.
     """
 
     @jax.custom_vjp
     def solve(params_arrays, y0, tau, direction, h0):
         return forward(_as_arrays(params_arrays), y0, tau, direction, h0)
 
-    def fwd(*primals):
-        primals = tuple(
+    def unwrap(primals):
+        return tuple(
             jax.tree.map(
                 lambda p: p.value,
                 x,
@@ -156,14 +162,17 @@ def _custom_vjp_loop(forward, backward):
             )
             for x in primals
         )
+
+    def fwd(*primals):
+        primals = unwrap(primals)
         out, stats = solve(*primals)
         return (out, stats), (out, stats, *primals)
 
-    def bwd(residuals, cotangents):
+    def cotangents_of_inputs(residuals, out_bar):
         out, stats, params_arrays, y0, tau, direction, h0 = residuals
         params_arrays = _as_arrays(params_arrays)
         params_bar, y0_bar, tau_bar = backward(
-            out, stats, params_arrays, y0, tau, direction, cotangents[0]
+            out, stats, params_arrays, y0, tau, direction, out_bar
         )
         params_bar = _parameter_cotangents(params_bar, params_arrays)
         return (
@@ -174,8 +183,28 @@ def _custom_vjp_loop(forward, backward):
             jnp.zeros_like(h0),
         )
 
+    def bwd(residuals, cotangents):
+        return cotangents_of_inputs(residuals, cotangents[0])
+
     solve.defvjp(fwd, bwd, symbolic_zeros=True)
-    return solve
+    if primal is None:
+        return solve
+
+    @jax.custom_vjp
+    def solve_outputs(params_arrays, y0, tau, direction, h0):
+        return primal(_as_arrays(params_arrays), y0, tau, direction, h0)
+
+    def outputs_fwd(*primals):
+        out, stats = solve(*primals)
+        ys = select(out, primals[2])
+        return (ys, stats._replace(output_steps=None)), (out, stats, *primals)
+
+    def outputs_bwd(residuals, cotangents):
+        out, tau = residuals[0], residuals[4]
+        return cotangents_of_inputs(residuals, expand(out, tau, cotangents[0]))
+
+    solve_outputs.defvjp(outputs_fwd, outputs_bwd)
+    return solve_outputs
 
 
 def _first_step_argument(h0: Array | None, tau: Array) -> Array:
@@ -331,11 +360,26 @@ class BacksolveAdjoint(AbstractAdjoint):
             )
             return cotangents
 
-        solve = _custom_vjp_loop(forward, backward)
+        def primal(params_arrays, y0, tau, direction, h0):
+            params = eqx.combine(params_arrays, params_static)
+            f = lambda t, y: problem.f_flat(t, y, params, direction)
+            diagnose = not isinstance(problem, AdjointProblem)
+            return integrate(config, f, y0, tau, h0, diagnose_stiffness=diagnose)
+
+        def select(ys_grid, tau):
+            return tuple(leaf[self._grid(tau)[1]] for leaf in ys_grid)
+
+        def expand(ys_grid, tau, ys_bar):
+            index = self._grid(tau)[1]
+            return tuple(
+                jnp.zeros_like(leaf).at[index].add(bar)
+                for leaf, bar in zip(ys_grid, ys_bar, strict=True)
+            )
+
+        # Not differentiated, the solve keeps no checkpoints.
+        solve = _custom_vjp_loop(forward, backward, primal, select, expand)
         h0 = _first_step_argument(h0, tau)
-        ys_grid, stats = solve(params_arrays, y0, tau, direction, h0)
-        out_index = self._grid(tau)[1]
-        return tuple(leaf[out_index] for leaf in ys_grid), stats
+        return solve(params_arrays, y0, tau, direction, h0)
 
     def forward(self, config, problem, params, direction, y0, tau, h0=None):
         """The forward solve on the output-and-checkpoint grid `self._grid(tau)`.

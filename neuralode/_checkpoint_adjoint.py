@@ -176,18 +176,29 @@ class CheckpointAdjoint(AbstractAdjoint):
             (ys, record), (ys_bar, record_bar) = residual, cotangent
             params = eqx.combine(params_arrays, params_static)
             # The stored states have cotangents only in second-order use.
-            starts_bar = record_bar.y_starts
-            if all(map(_is_symbolic_zero, starts_bar)):
+            starts_bar = None if record_bar is None else record_bar.y_starts
+            if starts_bar is not None and all(map(_is_symbolic_zero, starts_bar)):
                 starts_bar = None
             return self.backward(
                 config, problem, params, direction, tau, ys, record,
                 _instantiate(ys_bar), _instantiate(starts_bar),
             )  # fmt: skip
 
-        solve = _custom_vjp_loop(forward, backward)
+        def primal(params_arrays, y0, tau, direction, h0):
+            params = eqx.combine(params_arrays, params_static)
+            f = lambda t, y: problem.f_flat(t, y, params, direction)
+            return integrate(config, f, y0, tau, h0)
+
+        # Not differentiated, the solve records no steps.
+        solve = _custom_vjp_loop(
+            forward,
+            backward,
+            primal,
+            select=lambda out, tau: out[0],
+            expand=lambda out, tau, ys_bar: (ys_bar, None),
+        )
         h0 = _first_step_argument(h0, tau)
-        (ys, _), stats = solve(params_arrays, y0, tau, direction, h0)
-        return ys, stats
+        return solve(params_arrays, y0, tau, direction, h0)
 
     @staticmethod
     def backward(

@@ -68,7 +68,7 @@ class Attempt(NamedTuple):
     h: Array
     y1: State
     f1: State
-    dense: State
+    dense: State | None
     accept: Bool[Array, ""]
     finite: Bool[Array, ""]
     err: Array
@@ -89,6 +89,7 @@ def attempt_step(
     t_target: Array,
     err_prev: Array,
     rejected_last: Array,
+    dense: bool = True,
 ) -> Attempt:
     """Try a step from t towards t_target, never past it.
 
@@ -106,7 +107,7 @@ def attempt_step(
     t_new = jnp.where(clipped, t_target_sg, t_try)
     h = t_new - t_sg
     solver = config.solver
-    step = solver.step(f, t, y, f0, h)
+    step = solver.step(f, t, y, f0, h, dense=dense)
     finite = jnp.all(jnp.stack([jnp.isfinite(jnp.sum(jnp.real(v))) for v in step.y1]))
     if config.adaptive:
         scale = error_scale(y, step.y1, config.rtol, config.atol)
@@ -267,10 +268,15 @@ def _read_outputs(final: _ForwardState, tau_out, t0, y0) -> tuple[State, Array |
     last = (index == n_out - 1)[:, None] & reached[-1]
     at_start = (tau_out == t0)[:, None]
     ys = []
-    for slots, y_final, y_first in zip(final.slots, final.y, y0, strict=True):
-        data = slots[owner]
-        leaf = jax.vmap(interp.evaluate)(data[:, 0], data[:, 1:], theta)
-        leaf = jnp.where(reached[:, None], leaf, jnp.nan)
+    # Without slots (no output inside the span) every output is at t0 or the end.
+    slots_or_none = final.slots or (None,) * len(y0)
+    for slots, y_final, y_first in zip(slots_or_none, final.y, y0, strict=True):
+        if slots is None:
+            leaf = jnp.full((n_out,) + y_final.shape, jnp.nan, y_final.dtype)
+        else:
+            data = slots[owner]
+            leaf = jax.vmap(interp.evaluate)(data[:, 0], data[:, 1:], theta)
+            leaf = jnp.where(reached[:, None], leaf, jnp.nan)
         leaf = jnp.where(last, y_final, leaf)
         ys.append(jnp.where(at_start, y_first, leaf))
     ys = tuple(ys)
@@ -322,18 +328,21 @@ def integrate(
     # covers. The last write to a slot is therefore the step that covers it,
     # and after the loop each output reads the slot of the step covering it.
     search = "compare_all" if n_out <= 128 else "scan_unrolled"
+    # Outputs at t0 are y0 and the last one is the final state: with no output
+    # in between, no step needs its interpolant (the common ts = [t0, t1]).
+    dense_output = n_out > 2
 
     def write_slot(state: _ForwardState, attempt: Attempt):
         k = state.out_index
         update = lambda buffer, value: lax.dynamic_update_slice(
             buffer, value[None], (k,) + (jnp.zeros((), jnp.int32),) * value.ndim
         )
-        slots = tuple(
-            update(buffer, jnp.concatenate([y[None], dense]))
-            for buffer, y, dense in zip(
-                state.slots, state.y, attempt.dense, strict=True
+        slots = state.slots
+        if dense_output:
+            slots = tuple(
+                update(buffer, jnp.concatenate([y[None], dense]))
+                for buffer, y, dense in zip(slots, state.y, attempt.dense, strict=True)
             )
-        )
         times = update(state.slot_times, jnp.stack([state.t, attempt.h]))
         written = update(state.written, jnp.ones((), bool))
         out_steps = state.out_steps
@@ -357,6 +366,7 @@ def integrate(
             t_end,
             state.err_prev,
             state.rejected_last,
+            dense=dense_output,
         )
         slots, slot_times, written, out_steps, out_index = write_slot(state, attempt)
         accept = attempt.accept
@@ -400,7 +410,10 @@ def integrate(
         err_prev=jnp.ones((), real),
         rejected_last=jnp.zeros((), bool),
         out_index=jnp.ones((), jnp.int32),
-        slots=tuple(jnp.zeros((n_out, degree + 1) + y.shape, y.dtype) for y in y0),
+        slots=tuple(
+            jnp.zeros((n_out, degree + 1) + y.shape, y.dtype)
+            for y in (y0 if dense_output else ())
+        ),
         slot_times=jnp.ones((n_out, 2), t0.dtype),
         written=jnp.zeros(n_out, bool),
         out_steps=jnp.zeros(n_out, jnp.int32) if record_output_steps else None,

@@ -27,7 +27,7 @@ class StepResult(NamedTuple):
     y1: State
     y_error: State
     f1: State
-    dense: State
+    dense: State | None
 
 
 def _combine_leaf(y: Array, h: Array, weights, stages: list[Array]) -> Array:
@@ -113,9 +113,18 @@ class AbstractSolver(eqx.Module):
     def fevals_per_step(self) -> int:
         return self.tableau.num_stages - 1 + (0 if self.tableau.fsal else 1)
 
-    def step(self, f: FlatField, t: Array, y: State, f0: State, h: Array) -> StepResult:
-        """Take one trial step of size h from (t, y) with f0 = f(t, y)."""
+    def step(
+        self, f: FlatField, t: Array, y: State, f0: State, h: Array, dense: bool = True
+    ) -> StepResult:
+        """Take one trial step of size h from (t, y) with f0 = f(t, y).
+
+        With `dense=False` the interpolation coefficients are not computed
+        (`StepResult.dense` is None): a solve with no output inside its span
+        never reads them.
+        """
         y1, y_error, f1, stages = runge_kutta_step(self.tableau, f, t, y, f0, h)
+        if not dense:
+            return StepResult(y1, y_error, f1, None)
         h_y = h.astype(jnp.real(y[0]).dtype)
         dense = []
         for i, leaf in enumerate(y):
