@@ -363,8 +363,15 @@ class BacksolveAdjoint(AbstractAdjoint):
         def primal(params_arrays, y0, tau, direction, h0):
             params = eqx.combine(params_arrays, params_static)
             f = lambda t, y: problem.f_flat(t, y, params, direction)
-            diagnose = not isinstance(problem, AdjointProblem)
-            return integrate(config, f, y0, tau, h0, diagnose_stiffness=diagnose)
+            adjoint_solve = isinstance(problem, AdjointProblem)
+            # Measured, not derived: XLA CPU compiles the gradient program's
+            # adjoint loop 30% slower when its steps skip the (unused)
+            # interpolant (mlp-grad: 156 ms against 119 ms), although the same
+            # backward solve on its own runs equally fast either way.
+            return integrate(
+                config, f, y0, tau, h0, diagnose_stiffness=not adjoint_solve,
+                dense_output=True if adjoint_solve else None,
+            )  # fmt: skip
 
         def select(ys_grid, tau):
             return tuple(leaf[self._grid(tau)[1]] for leaf in ys_grid)

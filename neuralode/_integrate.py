@@ -293,6 +293,7 @@ def integrate(
     record_steps: bool = False,
     diagnose_stiffness: bool = True,
     record_output_steps: bool = False,
+    dense_output: bool | None = None,
 ) -> tuple[Float[Array, "n_out n"], LoopStats] | tuple[Array, LoopStats, StepRecord]:
     """Solve from tau_out[0] to tau_out[-1] (increasing), returning y at tau_out.
 
@@ -310,6 +311,8 @@ def integrate(
       accepted steps taken up to output i.
     - `record_steps`: also return a `StepRecord` of the accepted steps, in
       buffers of length `max_steps` (memory linear in the step count).
+    - `dense_output`: compute each step's interpolant (default: only when an
+      output lies strictly inside the span, i.e. len(tau_out) > 2).
 
     **Returns:** `(ys, stats)` with `ys[i]` the state at `tau_out[i]`, and the
     `StepRecord` when recording.
@@ -330,7 +333,7 @@ def integrate(
     search = "compare_all" if n_out <= 128 else "scan_unrolled"
     # Outputs at t0 are y0 and the last one is the final state: with no output
     # in between, no step needs its interpolant (the common ts = [t0, t1]).
-    dense_output = n_out > 2
+    dense_output = n_out > 2 if dense_output is None else dense_output or n_out > 2
 
     def write_slot(state: _ForwardState, attempt: Attempt):
         k = state.out_index
