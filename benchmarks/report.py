@@ -146,6 +146,22 @@ def target_checks(rows: list[dict]) -> list[dict]:
         ratio = grad["time_median_s"] / logp["time_median_s"] if grad and logp else None
         checks.append(_check(f"cnf ({variant}): gradient ≤ 6× log p", ratio, 6.0, "×"))
         relative("cnf", variant, rival, "grad", "time_median_s", 0.3)
+    for problem in ("mlp-fwd", "big-fwd", "vdp-dense"):
+        relative(problem, "dopri5", "dopri5", "fwd", "first_call_s", 0.5)
+    for variant, rival in cnf_rivals.items():
+        for task in ("logp", "grad"):
+            relative("cnf", variant, rival, task, "first_call_s", 0.5)
+    for problem, variant in (
+        ("mlp-grad", "backsolve"),
+        ("mlp-grad", "checkpoint"),
+        ("cnf", "backsolve"),
+        ("cnf", "checkpoint"),
+        ("cnf", "CNF"),
+    ):
+        row = _find(rows, problem, "neuralode", variant, "grad")
+        first = row.get("first_call_s") if row else None
+        label = f"{problem} grad ({variant}): first call ≤ 1.5 s"
+        checks.append(_check(label, first, 1.5, " s"))
     for variant in ("backsolve", "checkpoint"):
         row = _find(rows, "mem-T100", "neuralode", variant, "grad")
         ok = row is not None and row["status"] == "ok"
