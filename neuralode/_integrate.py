@@ -73,6 +73,7 @@ class Attempt(NamedTuple):
     finite: Bool[Array, ""]
     err: Array
     h_next: Array
+    stiffness: Array
 
 
 def _where(pred: Array, a: State, b: State) -> State:
@@ -128,7 +129,15 @@ def attempt_step(
         err = jnp.zeros((), jnp.real(y[0]).dtype)
         accept = finite
         h_next = jnp.full_like(h, config.dt0)
-    return Attempt(t_new, h, step.y1, step.f1, step.dense, accept, finite, err, h_next)
+    real = jnp.real(y[0]).dtype
+    stiffness = (
+        jnp.full((), jnp.nan, real)
+        if step.lipschitz is None
+        else jnp.abs(h).astype(real) * step.lipschitz
+    )
+    return Attempt(
+        t_new, h, step.y1, step.f1, step.dense, accept, finite, err, h_next, stiffness
+    )
 
 
 def underflowed(h_next: Array, t: Array) -> Array:
@@ -199,6 +208,7 @@ class _ForwardState(NamedTuple):
     num_steps: Array
     num_accepted: Array
     result: Array
+    stiffness: Array
     # Only when recording the accepted steps (for CheckpointAdjoint):
     step_starts: State | None
     step_times: Array | None
@@ -284,6 +294,21 @@ def _read_outputs(final: _ForwardState, tau_out, t0, y0) -> tuple[State, Array |
     return ys, out_steps
 
 
+def _stiffness(config, f, final: _ForwardState, diagnose: bool) -> Array:
+    """h·ρ(∂f/∂y) at the last attempt of a failed solve (0 on success).
+
+    Free where the solver has a `stiffness_stage` (each step estimates it);
+    otherwise a power iteration run only on failure (JVPs of f to compile).
+    """
+    real = jnp.real(final.y[0]).dtype
+    failed = final.result != RESULTS.successful
+    if not diagnose:
+        return jnp.full((), jnp.nan, real)
+    if config.solver.stiffness_stage is not None:
+        return jnp.where(failed, final.stiffness, 0).astype(real)
+    return stiffness_at_failure(f, final.t, final.y, final.h, failed)
+
+
 def integrate(
     config: SolverConfig,
     f: FlatField,
@@ -305,8 +330,8 @@ def integrate(
       own sharding).
     - `tau_out`: increasing output times.
     - `h0`: a first step size to use instead of the configured one (if > 0).
-    - `diagnose_stiffness`: on failure, estimate h·ρ(∂f/∂y) for the message
-      (costs a Jacobian–vector product trace of f at compile time).
+    - `diagnose_stiffness`: on failure, report h·ρ(∂f/∂y) at the last attempt
+      in `stats.stiffness` (for the message; see `_stiffness`); otherwise NaN.
     - `record_output_steps`: fill `stats.output_steps[i]` with the number of
       accepted steps taken up to output i.
     - `record_steps`: also return a `StepRecord` of the accepted steps, in
@@ -400,6 +425,7 @@ def integrate(
             num_steps=num_steps,
             num_accepted=state.num_accepted + accept.astype(jnp.int32),
             result=failure_code(config, attempt, t, t_end, num_steps),
+            stiffness=attempt.stiffness,
             step_starts=step_starts,
             step_times=step_times,
         )
@@ -423,6 +449,7 @@ def integrate(
         num_steps=zero,
         num_accepted=zero,
         result=zero,
+        stiffness=jnp.zeros((), real),
         step_starts=(
             tuple(jnp.zeros((config.max_steps,) + y.shape, y.dtype) for y in y0)
             if record_steps
@@ -445,13 +472,7 @@ def integrate(
         result=final.result,
         t_reached=final.t,
         h_last=final.h,
-        stiffness=(
-            stiffness_at_failure(
-                f, final.t, final.y, final.h, final.result != RESULTS.successful
-            )
-            if diagnose_stiffness
-            else jnp.full((), jnp.nan, real)
-        ),
+        stiffness=_stiffness(config, f, final, diagnose_stiffness),
         output_steps=output_steps,
     )
     if record_steps:

@@ -28,6 +28,7 @@ class StepResult(NamedTuple):
     y_error: State
     f1: State
     dense: State | None
+    lipschitz: Array | None = None
 
 
 def _combine_leaf(y: Array, h: Array, weights, stages: list[Array]) -> Array:
@@ -123,9 +124,10 @@ class AbstractSolver(eqx.Module):
         never reads them.
         """
         y1, y_error, f1, stages = runge_kutta_step(self.tableau, f, t, y, f0, h)
-        if not dense:
-            return StepResult(y1, y_error, f1, None)
         h_y = h.astype(jnp.real(y[0]).dtype)
+        lipschitz = self._lipschitz_estimate(y, h_y, stages, y1, f1)
+        if not dense:
+            return StepResult(y1, y_error, f1, None, lipschitz)
         dense = []
         for i, leaf in enumerate(y):
             if self.interpolation == "polynomial":
@@ -138,7 +140,39 @@ class AbstractSolver(eqx.Module):
                 coeffs = interp.linear_coefficients(leaf, y1[i])
             dense.append(coeffs)
         dense = tuple(dense)
-        return StepResult(y1, y_error, f1, dense)
+        return StepResult(y1, y_error, f1, dense, lipschitz)
+
+    @property
+    def stiffness_stage(self) -> int | None:
+        """A stage evaluated at t + h like f(y1), at a different point; or None.
+
+        Dopri5 and Tsit5 (c = 1 twice), RK4 and Fehlberg45 (a stage at c = 1
+        besides the final f(y1)) have one; Bosh3, Midpoint and Euler do not.
+        """
+        tableau = self.tableau
+        last = tableau.num_stages - (2 if tableau.fsal else 1)
+        for p in range(last, -1, -1):
+            if float(tableau.c[p]) == 1.0:
+                return p
+        return None
+
+    def _lipschitz_estimate(self, y, h_y, stages, y1, f1) -> Array | None:
+        """‖f(y1) - k_p‖ / ‖y1 - Y_p‖ for `stiffness_stage` p, or None.
+
+        Hairer's stiffness indicator of DOPRI5 (Hairer & Wanner, Solving ODEs
+        II, IV.2): both points lie at t + h, so they differ mostly along the
+        fastest modes, and h times this ratio approaches the stability boundary
+        (~3.3 for Dopri5) when a problem is stiff. Free: no extra evaluation,
+        and XLA shares Y_p with the step's own.
+        """
+        tableau, p = self.tableau, self.stiffness_stage
+        if p is None:
+            return None
+        y_p = y if p == 0 else _combine(y, h_y, tableau.a[p, :p], stages[:p])
+        square = lambda tree: sum(jnp.sum(jnp.abs(x) ** 2) for x in tree)
+        num = square(tuple(a - b for a, b in zip(f1, stages[p], strict=True)))
+        den = square(tuple(a - b for a, b in zip(y1, y_p, strict=True)))
+        return jnp.sqrt(jnp.where(den > 0, num / jnp.where(den > 0, den, 1), 0))
 
 
 class Dopri5(AbstractSolver):

@@ -155,9 +155,13 @@ def robertson(t, y, args):
 
 
 @pytest.mark.parametrize(
-    "solver", [no.Dopri5(), no.Bosh3()], ids=lambda s: type(s).__name__
+    "solver",
+    [no.Dopri5(), no.Tsit5(), no.Fehlberg45(), no.Bosh3()],
+    ids=lambda s: type(s).__name__,
 )
 def test_stiff_robertson_fails_clearly_and_says_stiff(solver):
+    """Dopri5, Tsit5 and Fehlberg45 estimate h·|λ| in every step from two
+    stages at t + h (Hairer's indicator); Bosh3 by power iteration on failure."""
     ts = jnp.array([0.0, 1e5])
     y0 = jnp.array([1.0, 0.0, 0.0])
     with pytest.raises(Exception, match="max_steps=4096 reached") as err:
@@ -181,3 +185,13 @@ def test_batched_failure_raises_for_the_failing_sample():
     solve = jax.vmap(lambda t1: no.odeint(decay, Y0, jnp.stack([0.0, t1]), max_steps=8))
     with pytest.raises(Exception, match="max_steps=8 reached at .* before t1=100"):
         jax.block_until_ready(solve(jnp.array([0.1, 100.0, 200.0])))
+
+
+def test_stiffness_stages():
+    stages = {
+        type(s).__name__: s.stiffness_stage
+        for s in (no.Dopri5(), no.Tsit5(), no.Fehlberg45(), no.RK4(), no.Bosh3())
+    }
+    assert stages == {
+        "Dopri5": 5, "Tsit5": 5, "Fehlberg45": 4, "RK4": 3, "Bosh3": None,
+    }  # fmt: skip
