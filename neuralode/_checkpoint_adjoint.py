@@ -211,13 +211,14 @@ class CheckpointAdjoint(AbstractAdjoint):
         n_out = tau.shape[0]
         times = lax.stop_gradient(record.times)
 
+        solver = config.solver
+
         def step(y, theta, t, t_new):
             p = eqx.combine(unravel_theta(theta), fixed)
             f = lambda s, x: problem.f_flat(s, x, p, direction)
             result = solver.step(f, t, y, f(t, y), t_new - t)
             return result.y1, result.dense
 
-        solver = config.solver
         valid = jnp.arange(times.shape[0], dtype=record.count.dtype) <= record.count
         # Output i lies in step k_i: t_k < τ_i <= t_{k+1}; k_i = -1 means τ_i = t_0.
         k_out = (

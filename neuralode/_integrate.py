@@ -358,7 +358,9 @@ def integrate(
     search = "compare_all" if n_out <= 128 else "scan_unrolled"
     # Outputs at t0 are y0 and the last one is the final state: with no output
     # in between, no step needs its interpolant (the common ts = [t0, t1]).
-    dense_output = n_out > 2 if dense_output is None else dense_output or n_out > 2
+    dense_output = bool(dense_output) or n_out > 2
+    # Only a diagnosing solve whose method has a stiffness stage carries h·ρ̂.
+    track_stiffness = diagnose_stiffness and config.solver.stiffness_stage is not None
 
     def write_slot(state: _ForwardState, attempt: Attempt):
         k = state.out_index
@@ -425,7 +427,7 @@ def integrate(
             num_steps=num_steps,
             num_accepted=state.num_accepted + accept.astype(jnp.int32),
             result=failure_code(config, attempt, t, t_end, num_steps),
-            stiffness=attempt.stiffness,
+            stiffness=attempt.stiffness if track_stiffness else state.stiffness,
             step_starts=step_starts,
             step_times=step_times,
         )

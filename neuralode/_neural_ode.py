@@ -27,6 +27,12 @@ def _float_dtype(tree):
 
 
 @final
+def solver_options(layer: Any) -> dict[str, Any]:
+    """The `odeint`/`solve` keywords stored on a layer (`NeuralODE`, `CNF`)."""
+    names = ("solver", "rtol", "atol", "dt0", "max_steps", "adjoint")
+    return {name: getattr(layer, name) for name in names}
+
+
 class NeuralODE(eqx.Module):
     r"""A neural ODE layer: maps $y(t_0)$ to the solution $y(t_1)$ of $y' = f(t, y)$.
 
@@ -129,14 +135,7 @@ class NeuralODE(eqx.Module):
         return jnp.concatenate([y0, pad], axis=-1)
 
     def _kwargs(self):
-        return dict(
-            solver=self.solver,
-            rtol=self.rtol,
-            atol=self.atol,
-            dt0=self.dt0,
-            max_steps=self.max_steps,
-            adjoint=self.adjoint,
-        )
+        return solver_options(self)
 
     def __call__(self, y0: PyTree, args: Any = None) -> PyTree:
         """Solve from `t0` to `t1` and return the final state.

@@ -12,6 +12,7 @@ import jax.random as jr
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
 from .._adjoint import AbstractAdjoint, BacksolveAdjoint
+from .._neural_ode import solver_options
 from .._solve import odeint
 from .._solvers import AbstractSolver, Dopri5
 from ._trace import exact_trace, hutchinson_trace
@@ -182,12 +183,7 @@ class CNF(eqx.Module):
             state,
             ts,
             probe,
-            solver=self.solver,
-            rtol=self.rtol,
-            atol=self.atol,
-            dt0=self.dt0,
-            max_steps=self.max_steps,
-            adjoint=self.adjoint,
+            **solver_options(self),
         )
         return tuple(y[-1] for y in ys)
 
@@ -317,12 +313,7 @@ class CNF(eqx.Module):
             z,
             self._times(z.dtype, False),
             None,
-            solver=self.solver,
-            rtol=self.rtol,
-            atol=self.atol,
-            dt0=self.dt0,
-            max_steps=self.max_steps,
-            adjoint=self.adjoint,
+            **solver_options(self),
         )
         return ys[-1].reshape(batch_shape + (d,))
 
