@@ -201,9 +201,9 @@ class _ForwardState(NamedTuple):
     err_prev: Array
     rejected_last: Array
     out_index: Array
-    slots: State
+    slots: tuple[tuple[Array, ...], ...]
+    # (start, size) of the step written to each slot; size 0 where none was.
     slot_times: Array
-    written: Array
     out_steps: Array | None
     num_steps: Array
     num_accepted: Array
@@ -212,6 +212,9 @@ class _ForwardState(NamedTuple):
     # Only when recording the accepted steps (for CheckpointAdjoint):
     step_starts: State | None
     step_times: Array | None
+    # The output times of the slots in this state's buffers: tau_out[base:][:K].
+    window: Array
+    base: Array
 
 
 class StepRecord(NamedTuple):
@@ -263,7 +266,9 @@ def first_step(
     return lax.cond(h0 > 0, lambda: (h0, zero), automatic)
 
 
-def _read_outputs(final: _ForwardState, tau_out, t0, y0) -> tuple[State, Array | None]:
+def _read_outputs(
+    final: _ForwardState, slots, slot_times, out_steps, tau_out, t0, y0
+) -> tuple[State, Array | None]:
     """Evaluate each output from the slot of the step that covered it.
 
     Output times equal to t0 are y0 exactly, the last one (when reached) is the
@@ -271,27 +276,50 @@ def _read_outputs(final: _ForwardState, tau_out, t0, y0) -> tuple[State, Array |
     """
     n_out = tau_out.shape[0]
     index = jnp.arange(n_out, dtype=jnp.int32)
-    owner = lax.cummax(jnp.where(final.written, index, 0))
-    start, h = final.slot_times[owner, 0], final.slot_times[owner, 1]
-    theta = ((tau_out - start) / h).astype(jnp.real(y0[0]).dtype)
+    owner = lax.cummax(jnp.where(slot_times[:, 1] != 0, index, 0))
+    start, h = slot_times[owner, 0], slot_times[owner, 1]
+    theta = ((tau_out - start) / jnp.where(h != 0, h, 1)).astype(jnp.real(y0[0]).dtype)
     reached = index < final.out_index
     last = (index == n_out - 1)[:, None] & reached[-1]
     at_start = (tau_out == t0)[:, None]
     ys = []
     # Without slots (no output inside the span) every output is at t0 or the end.
-    slots_or_none = final.slots or (None,) * len(y0)
-    for slots, y_final, y_first in zip(slots_or_none, final.y, y0, strict=True):
-        if slots is None:
+    slots_or_none = slots or (None,) * len(y0)
+    for coeffs, y_final, y_first in zip(slots_or_none, final.y, y0, strict=True):
+        if coeffs is None:
             leaf = jnp.full((n_out,) + y_final.shape, jnp.nan, y_final.dtype)
         else:
-            data = slots[owner]
-            leaf = jax.vmap(interp.evaluate)(data[:, 0], data[:, 1:], theta)
+            data = [c[owner] for c in coeffs]
+            leaf = jax.vmap(interp.evaluate)(data[0], jnp.stack(data[1:], 1), theta)
             leaf = jnp.where(reached[:, None], leaf, jnp.nan)
         leaf = jnp.where(last, y_final, leaf)
         ys.append(jnp.where(at_start, y_first, leaf))
     ys = tuple(ys)
-    out_steps = None if final.out_steps is None else final.out_steps[owner]
-    return ys, out_steps
+    return ys, None if out_steps is None else out_steps[owner]
+
+
+#: XLA:CPU runs a loop body's kernels one after another, without building a
+#: dependency graph, only when every buffer they touch is at most this many
+#: bytes (its ThunkExecutor's default threshold; measured: a Dopri5 loop on a
+#: 2-vector runs 2.6x slower once a 528-byte buffer joins its body).
+SMALL_BUFFER_BYTES = 512
+
+
+def output_chunk(y0: State, n_out: int, dense_output: bool, record_steps: bool):
+    """How many output slots the step loop keeps at a time, or None for all.
+
+    A small state with many outputs steps in an inner loop whose slot buffers
+    stay under `SMALL_BUFFER_BYTES`; an outer loop copies each finished chunk
+    of slots into the full buffers. Large states, or few outputs, gain nothing.
+    """
+    if not dense_output or record_steps:
+        return None
+    leaf_bytes = max(leaf.size * leaf.dtype.itemsize for leaf in y0)
+    # Slot times hold (start, size) pairs of up to 16 bytes.
+    chunk = min(SMALL_BUFFER_BYTES // max(leaf_bytes, 1), SMALL_BUFFER_BYTES // 16)
+    if chunk < 8 or n_out - 1 <= chunk:
+        return None
+    return chunk
 
 
 def _stiffness(config, f, final: _ForwardState, diagnose: bool) -> Array:
@@ -350,39 +378,44 @@ def integrate(
     real = jnp.real(y0[0]).dtype
     degree = config.solver.dense_degree
 
-    # Dense output without an inner loop: every attempt writes its step's
+    # Dense output without a loop over outputs: every attempt writes its step's
     # interpolation data into the slot of the first output not yet covered
     # (`out_index`), which then advances past the outputs an accepted step
     # covers. The last write to a slot is therefore the step that covers it,
     # and after the loop each output reads the slot of the step covering it.
-    search = "compare_all" if n_out <= 128 else "scan_unrolled"
     # Outputs at t0 are y0 and the last one is the final state: with no output
     # in between, no step needs its interpolant (the common ts = [t0, t1]).
     dense_output = bool(dense_output) or n_out > 2
+    chunk = output_chunk(y0, n_out, dense_output, record_steps)
+    # The step loop holds slots [base, base + width): all of them, or a chunk.
+    width = n_out if chunk is None else chunk
+    search = "compare_all" if width <= 128 else "scan_unrolled"
     # Only a diagnosing solve whose method has a stiffness stage carries h·ρ̂.
     track_stiffness = diagnose_stiffness and config.solver.stiffness_stage is not None
 
     def write_slot(state: _ForwardState, attempt: Attempt):
-        k = state.out_index
+        k = state.out_index - state.base
         update = lambda buffer, value: lax.dynamic_update_slice(
             buffer, value[None], (k,) + (jnp.zeros((), jnp.int32),) * value.ndim
         )
         slots = state.slots
         if dense_output:
             slots = tuple(
-                update(buffer, jnp.concatenate([y[None], dense]))
-                for buffer, y, dense in zip(slots, state.y, attempt.dense, strict=True)
+                (update(coeffs[0], y),)
+                + tuple(update(c, d) for c, d in zip(coeffs[1:], dense, strict=True))
+                for coeffs, y, dense in zip(slots, state.y, attempt.dense, strict=True)
             )
-        times = update(state.slot_times, jnp.stack([state.t, attempt.h]))
-        written = update(state.written, jnp.ones((), bool))
+        slot_times = update(state.slot_times, jnp.stack([state.t, attempt.h]))
         out_steps = state.out_steps
         if out_steps is not None:
             out_steps = update(out_steps, state.num_accepted + 1)
-        covered = jnp.searchsorted(tau_out, attempt.t_new, side="right", method=search)
-        out_index = jnp.where(attempt.accept, covered.astype(jnp.int32), k)
-        return slots, times, written, out_steps, out_index
+        local = jnp.searchsorted(
+            state.window, attempt.t_new, side="right", method=search
+        )
+        out_index = jnp.where(attempt.accept, state.base + local, state.out_index)
+        return slots, slot_times, out_steps, out_index.astype(jnp.int32)
 
-    def cond(state: _ForwardState) -> Array:
+    def running(state: _ForwardState) -> Array:
         return (state.t < t_end) & (state.result == RESULTS.successful)
 
     def body(state: _ForwardState) -> _ForwardState:
@@ -398,7 +431,7 @@ def integrate(
             state.rejected_last,
             dense=dense_output,
         )
-        slots, slot_times, written, out_steps, out_index = write_slot(state, attempt)
+        slots, slot_times, out_steps, out_index = write_slot(state, attempt)
         accept = attempt.accept
         t = jnp.where(accept, attempt.t_new, state.t)
         num_steps = state.num_steps + 1
@@ -412,7 +445,7 @@ def integrate(
                 for buffer, y in zip(step_starts, state.y, strict=True)
             )
             step_times = step_times.at[k + 1].set(attempt.t_new)
-        return _ForwardState(
+        return state._replace(
             t=t,
             y=_where(accept, attempt.y1, state.y),
             f0=_where(accept, attempt.f1, state.f0),
@@ -422,7 +455,6 @@ def integrate(
             out_index=out_index,
             slots=slots,
             slot_times=slot_times,
-            written=written,
             out_steps=out_steps,
             num_steps=num_steps,
             num_accepted=state.num_accepted + accept.astype(jnp.int32),
@@ -432,7 +464,17 @@ def integrate(
             step_times=step_times,
         )
 
+    def slot_buffers(size: int):
+        """Zeroed slots and slot times for `size` outputs."""
+        slots = tuple(
+            tuple(jnp.zeros((size,) + y.shape, y.dtype) for _ in range(degree + 1))
+            for y in (y0 if dense_output else ())
+        )
+        out_steps = jnp.zeros(size, jnp.int32) if record_output_steps else None
+        return slots, jnp.zeros((size, 2), t0.dtype), out_steps
+
     zero = jnp.zeros((), jnp.int32)
+    slots, slot_times, out_steps = slot_buffers(width)
     init = _ForwardState(
         t=t0,
         y=y0,
@@ -441,13 +483,9 @@ def integrate(
         err_prev=jnp.ones((), real),
         rejected_last=jnp.zeros((), bool),
         out_index=jnp.ones((), jnp.int32),
-        slots=tuple(
-            jnp.zeros((n_out, degree + 1) + y.shape, y.dtype)
-            for y in (y0 if dense_output else ())
-        ),
-        slot_times=jnp.ones((n_out, 2), t0.dtype),
-        written=jnp.zeros(n_out, bool),
-        out_steps=jnp.zeros(n_out, jnp.int32) if record_output_steps else None,
+        slots=slots,
+        slot_times=slot_times,
+        out_steps=out_steps,
         num_steps=zero,
         num_accepted=zero,
         result=zero,
@@ -462,9 +500,15 @@ def integrate(
             if record_steps
             else None
         ),
+        window=tau_out,
+        base=zero,
     )
-    final = lax.while_loop(cond, body, init)
-    ys, output_steps = _read_outputs(final, tau_out, t0, y0)
+    if chunk is None:
+        final = lax.while_loop(running, body, init)
+        buffers = (final.slots, final.slot_times, final.out_steps)
+    else:
+        final, buffers = _chunked_loop(running, body, init, tau_out, chunk)
+    ys, output_steps = _read_outputs(final, *buffers, tau_out, t0, y0)
     stats = LoopStats(
         num_steps=final.num_steps,
         num_accepted=final.num_accepted,
@@ -481,3 +525,47 @@ def integrate(
         record = StepRecord(final.step_starts, final.step_times, final.num_accepted)
         return ys, stats, record
     return ys, stats
+
+
+def _chunked_loop(running, body, init: _ForwardState, tau_out, chunk: int):
+    """The step loop in chunks of `chunk` outputs: an inner loop steps until
+    every slot of its chunk is covered, an outer one stores each chunk.
+
+    `init` holds one chunk's zeroed slot buffers. Full buffers get `chunk`
+    slots of padding, so a chunk written at any base fits without clamping.
+    """
+    n_out = tau_out.shape[0]
+    pad = lambda buffer: jnp.zeros((n_out + chunk,) + buffer.shape[1:], buffer.dtype)
+    local = (init.slots, init.slot_times, init.out_steps)
+    full = jax.tree.map(pad, local)
+    padded_times = jnp.concatenate([tau_out, jnp.full(chunk, jnp.inf, tau_out.dtype)])
+
+    def inner_running(state: _ForwardState) -> Array:
+        return running(state) & (state.out_index < state.base + chunk)
+
+    def outer_body(carry):
+        state, full = carry
+        base = state.out_index
+        state = state._replace(
+            window=lax.dynamic_slice_in_dim(padded_times, base, chunk),
+            base=base,
+            slot_times=jnp.zeros_like(state.slot_times),
+        )
+        state = lax.while_loop(inner_running, body, state)
+        local = (state.slots, state.slot_times, state.out_steps)
+        full = jax.tree.map(
+            lambda buffer, part: lax.dynamic_update_slice_in_dim(buffer, part, base, 0),
+            full,
+            local,
+        )
+        # A step past the chunk's last output covers outputs beyond the window.
+        out_index = jnp.searchsorted(
+            tau_out, state.t, side="right", method="scan_unrolled"
+        )
+        return state._replace(out_index=out_index.astype(jnp.int32)), full
+
+    init = init._replace(window=padded_times[:chunk])
+    state, full = lax.while_loop(
+        lambda carry: running(carry[0]), outer_body, (init, full)
+    )
+    return state, jax.tree.map(lambda buffer: buffer[:n_out], full)

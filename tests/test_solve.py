@@ -300,3 +300,55 @@ def test_nan_in_trial_step_is_rejected_not_accepted():
     assert int(sol.stats["num_rejected"]) > 0
     assert np.all(np.isfinite(sol.ys))
     assert np.isclose(float(sol.ys[-1, 1]), np.exp(-1.0), rtol=1e-5)
+
+
+@pytest.mark.parametrize("n_out", [40, 20_001])
+def test_chunked_dense_output_equals_one_loop(monkeypatch, n_out):
+    """A small state with many outputs steps in chunks of output slots (see
+    `output_chunk`). Outputs, steps and per-output step counts equal those of
+    the single loop, also when one step covers more outputs than a chunk has."""
+    from neuralode import _integrate
+
+    a = jnp.array([[-0.1, 2.0], [-2.0, -0.1]])
+    f = lambda t, y: (a @ y[0],)
+    config = _integrate.SolverConfig(
+        no.Dopri5(), no.PIController(), 1e-6, 1e-9, None, 4096
+    )
+    y0 = (jnp.array([1.0, 0.0]),)
+    ts = jnp.linspace(0.0, 10.0, n_out)
+    chunk = _integrate.output_chunk(y0, n_out, True, False)
+    assert chunk is not None and chunk < n_out - 1
+
+    def run():
+        solve = lambda y0: _integrate.integrate(
+            config, f, y0, ts, record_output_steps=True
+        )
+        return jax.jit(solve)(y0)
+
+    (ys,), stats = run()
+    monkeypatch.setattr(_integrate, "SMALL_BUFFER_BYTES", 0)
+    assert _integrate.output_chunk(y0, n_out, True, False) is None
+    (ys_one,), stats_one = run()
+    exact = jax.vmap(lambda t: jax.scipy.linalg.expm(a * t) @ y0[0])(ts)
+    assert np.max(np.abs(ys - exact)) < 1e-5
+    assert np.array_equal(ys, ys_one)
+    assert np.array_equal(stats.output_steps, stats_one.output_steps)
+    assert int(stats.num_steps) == int(stats_one.num_steps)
+    if n_out > 1000:  # steps longer than a chunk of outputs
+        assert n_out / int(stats.num_accepted) > 2 * chunk
+
+
+def test_chunked_dense_output_under_vmap_and_grad():
+    f = lambda t, y, k: jnp.stack([y[1], -k * y[0] - 0.1 * y[1]])
+    ts = jnp.linspace(0.0, 5.0, 300)
+    solve = lambda y0, k: no.odeint(f, y0, ts, k, rtol=1e-8, atol=1e-10)
+    y0s = jnp.array([[1.0, 0.0], [0.5, -1.0]])
+    ks = jnp.array([1.0, 4.0])
+    ys = jax.jit(jax.vmap(solve))(y0s, ks)
+    for i in range(2):
+        assert np.allclose(ys[i], solve(y0s[i], ks[i]), rtol=1e-12, atol=1e-12)
+    loss = lambda k: jnp.sum(solve(y0s[0], k)[:, 0] ** 2)
+    grad = jax.jit(jax.grad(loss))(ks[0])
+    eps = 1e-5
+    fd = (loss(ks[0] + eps) - loss(ks[0] - eps)) / (2 * eps)
+    assert np.allclose(grad, fd, rtol=1e-5)
