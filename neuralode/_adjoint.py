@@ -20,7 +20,7 @@ from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, PyTree
 
 from ._controller import State
-from ._failure import raise_if_failed
+from ._failure import raise_if_failed, tie
 from ._integrate import LoopStats, SolverConfig, integrate
 from ._solution import RESULTS
 
@@ -358,7 +358,7 @@ class BacksolveAdjoint(AbstractAdjoint):
                 _instantiate(ys_grid_bar),
                 fwd_stats.output_steps,
             )
-            raise_if_failed(
+            token = raise_if_failed(
                 stats,
                 -direction,
                 direction * tau[-1],
@@ -367,7 +367,7 @@ class BacksolveAdjoint(AbstractAdjoint):
                 type(config.solver).__name__,
                 "backward (adjoint) solve",
             )
-            return cotangents
+            return tie(cotangents, token)
 
         def primal(params_arrays, y0, tau, direction, h0):
             params = eqx.combine(params_arrays, params_static)

@@ -11,7 +11,7 @@ from jaxtyping import Array, ArrayLike, PyTree
 
 from ._adjoint import AbstractAdjoint, BacksolveAdjoint
 from ._controller import ConstantStepSize, PIController
-from ._failure import raise_if_failed
+from ._failure import raise_if_failed, tie
 from ._integrate import LoopStats, SolverConfig
 from ._problem import check_steps, check_tolerances, check_ts, make_problem
 from ._solution import Solution
@@ -69,9 +69,10 @@ def solve(
     (ys_flat,), stats = adjoint.loop(config, problem, params, (y0_flat,), ts)
     if throw:
         direction = jnp.sign(ts[-1] - ts[0])
-        raise_if_failed(
+        token = raise_if_failed(
             stats, direction, ts[0], ts[-1], config.max_steps, type(solver).__name__
         )
+        ys_flat = tie(ys_flat, token)
     ys = jax.vmap(problem.unravel)(ys_flat)
     return Solution(ts=ts, ys=ys, stats=_stats_dict(stats), result=stats.result)
 
