@@ -528,34 +528,35 @@ def integrate(
 
 
 def _packed_while_loop(cond, body, init: _ForwardState) -> _ForwardState:
-    """`lax.while_loop` with the state's scalars carried as one vector per dtype.
+    """`lax.while_loop` with the state's scalars carried as one vector per dtype
+    (flags with the int32 counters).
 
     XLA:CPU computes each loop output in its own kernel; packed, the scalar
     bookkeeping of a step (time, step size, counters, result) is a handful of
     kernels instead of one each, which is most of a small state's step cost.
     """
-    names = [
-        name
-        for name, value in init._asdict().items()
-        if isinstance(value, jax.Array) and value.ndim == 0
-    ]
-    dtypes = sorted({init._asdict()[name].dtype for name in names}, key=str)
+    fields = init._asdict()
+    names = [n for n, v in fields.items() if isinstance(v, jax.Array) and v.ndim == 0]
+    carried = lambda dtype: jnp.dtype(jnp.int32) if dtype == jnp.bool_ else dtype
+    groups: dict = {}
+    for name in names:
+        groups.setdefault(carried(fields[name].dtype), []).append(name)
 
     def pack(state: _ForwardState):
-        fields = state._asdict()
+        values = state._asdict()
         vectors = tuple(
-            jnp.stack([fields[n] for n in names if fields[n].dtype == dtype])
-            for dtype in dtypes
+            jnp.stack([values[n].astype(dtype) for n in members])
+            for dtype, members in groups.items()
         )
         return vectors, state._replace(**dict.fromkeys(names))
 
     def unpack(carry) -> _ForwardState:
         vectors, rest = carry
-        fields = {}
-        for dtype, vector in zip(dtypes, vectors, strict=True):
-            members = [n for n in names if init._asdict()[n].dtype == dtype]
-            fields.update({n: vector[i] for i, n in enumerate(members)})
-        return rest._replace(**fields)
+        values = {}
+        for vector, members in zip(vectors, groups.values(), strict=True):
+            for i, name in enumerate(members):
+                values[name] = vector[i].astype(fields[name].dtype)
+        return rest._replace(**values)
 
     final = lax.while_loop(
         lambda carry: cond(unpack(carry)),
@@ -598,7 +599,7 @@ def _chunked_loop(running, body, init: _ForwardState, tau_out, chunk: int):
         )
         # A step past the chunk's last output covers outputs beyond the window.
         out_index = jnp.searchsorted(
-            tau_out, state.t, side="right", method="scan_unrolled"
+            tau_out, state.t, side="right", method="scan"
         )
         return state._replace(out_index=out_index.astype(jnp.int32)), full
 
