@@ -352,3 +352,9 @@ def test_chunked_dense_output_under_vmap_and_grad():
     eps = 1e-5
     fd = (loss(ks[0] + eps) - loss(ks[0] - eps)) / (2 * eps)
     assert np.allclose(grad, fd, rtol=1e-5)
+    forward = lambda k: no.odeint(
+        f, y0s[0], ts, k, rtol=1e-8, atol=1e-10, adjoint=no.ForwardMode()
+    )
+    _, tangent = jax.jvp(forward, (ks[0],), (jnp.ones(()),))
+    fd_ys = (forward(ks[0] + eps) - forward(ks[0] - eps)) / (2 * eps)
+    assert np.allclose(tangent, fd_ys, rtol=1e-4, atol=1e-6)
