@@ -16,7 +16,6 @@ import jax.lax as lax
 import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
-from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, PyTree
 
 from ._controller import State
@@ -131,7 +130,9 @@ def _instantiate(cotangent):
     )
 
 
-def _custom_vjp_loop(forward, backward, primal=None, select=None, expand=None):
+def _custom_vjp_loop(
+    forward, backward, primal=None, select=None, expand=None, check=None
+):
     """A `custom_vjp` solve of (params_arrays, y0, tau, direction, h0).
 
     `forward(...) -> (out, stats)` and `backward(out, stats, params_arrays, y0,
@@ -147,6 +148,10 @@ def _custom_vjp_loop(forward, backward, primal=None, select=None, expand=None):
     keeps for the backward pass); differentiated, it returns
     `select(out, tau) -> ys` of `forward`'s output, and `expand(out, tau, ys_bar)`
     gives `backward` its `out_bar`.
+
+    `check(stats, tau, direction) -> token` (see `_failure.raise_if_failed`)
+    checks the forward solve again in the backward pass, so that a gradient
+    that never reads the solution's values still reports a failed solve.
     """
 
     @jax.custom_vjp
@@ -175,13 +180,10 @@ def _custom_vjp_loop(forward, backward, primal=None, select=None, expand=None):
             out, stats, params_arrays, y0, tau, direction, out_bar
         )
         params_bar = _parameter_cotangents(params_bar, params_arrays)
-        return (
-            params_bar,
-            y0_bar,
-            tau_bar,
-            jnp.zeros_like(direction),
-            jnp.zeros_like(h0),
-        )
+        cotangents = (params_bar, y0_bar, tau_bar)
+        if check is not None:
+            cotangents = tie(cotangents, check(stats, tau, direction))
+        return (*cotangents, jnp.zeros_like(direction), jnp.zeros_like(h0))
 
     def bwd(residuals, cotangents):
         return cotangents_of_inputs(residuals, cotangents[0])
@@ -207,6 +209,17 @@ def _custom_vjp_loop(forward, backward, primal=None, select=None, expand=None):
     return solve_outputs
 
 
+def _forward_check(config: SolverConfig):
+    """The `check` of `_custom_vjp_loop`: the forward solve's failure test."""
+
+    def check(stats, tau, direction):
+        t0, t1 = direction * tau[0], direction * tau[-1]
+        name = type(config.solver).__name__
+        return raise_if_failed(stats, direction, t0, t1, config.max_steps, name)
+
+    return check
+
+
 def _first_step_argument(h0: Array | None, tau: Array) -> Array:
     return jnp.zeros((), tau.dtype) if h0 is None else jnp.asarray(h0, tau.dtype)
 
@@ -218,8 +231,8 @@ def _first_step_argument(h0: Array | None, tau: Array) -> Array:
 class AdjointProblem(eqx.Module):
     """The adjoint system of `base`, forwards in the base's time τ.
 
-    For the state (z..., a..., g) (z and a with the m leaves of the base state,
-    g the flattened parameters θ):
+    For the state (z..., a..., g...) (z and a with the m leaves of the base
+    state, g one flat vector per inexact array leaf of the parameters θ):
 
         dz/dτ = f(τ, z),  da/dτ = -aᵀ∂f/∂z,  dg/dτ = -aᵀ∂f/∂θ,
 
@@ -243,9 +256,16 @@ class AdjointProblem(eqx.Module):
 
         fz, vjp = jax.vjp(f, z, diff)
         a_dz, a_ddiff = vjp(a)
-        a_dtheta, _ = ravel_pytree(a_ddiff)
-        a_dtheta = a_dtheta.astype(state[-1].dtype)
-        out = (*fz, *(-x for x in a_dz), -a_dtheta)
+        # One vector per parameter leaf, not one raveled vector: fused into the
+        # step's combination of stages, a concatenation of the leaves makes
+        # XLA:CPU recompute the bias gradients' batch sums for every element
+        # (mlp-grad backward: 143 against 112 ms).
+        g = state[2 * m :]
+        a_dtheta = tuple(
+            x.reshape(-1).astype(leaf.dtype)
+            for x, leaf in zip(jax.tree.leaves(a_ddiff), g, strict=True)
+        )
+        out = (*fz, *(-x for x in a_dz), *(-x for x in a_dtheta))
         return tuple(direction * x for x in out)
 
 
@@ -313,16 +333,19 @@ class BacksolveAdjoint(AbstractAdjoint):
                 f"BacksolveAdjoint: checkpoints must be >= 0, got {self.checkpoints}"
             )
 
-    def _backward_config(self, config: SolverConfig, m: int) -> SolverConfig:
+    def _backward_config(self, config: SolverConfig, m: int, q: int) -> SolverConfig:
         rtol = config.rtol if self.rtol is None else float(self.rtol)
         atol = config.atol if self.atol is None else float(self.atol)
         if rtol == 0 and atol == 0:
             raise ValueError("BacksolveAdjoint: rtol and atol cannot both be zero")
-        # Each leaf of z and a (and of g without the seminorm) counts on its own.
+        # Each leaf of z and a counts on its own, and the q leaves of g (without
+        # the seminorm) together.
         first = 0 if self.state_error else m
-        leaves = tuple(range(first, 2 * m if self.seminorm else 2 * m + 1))
+        groups = tuple((i,) for i in range(first, 2 * m))
+        if not self.seminorm and q:
+            groups += (tuple(range(2 * m, 2 * m + q)),)
         return SolverConfig(
-            config.solver, config.controller, rtol, atol, None, config.max_steps, leaves
+            config.solver, config.controller, rtol, atol, None, config.max_steps, groups
         )
 
     def _grid(self, tau: Array) -> tuple[Array, Array]:
@@ -373,14 +396,9 @@ class BacksolveAdjoint(AbstractAdjoint):
             params = eqx.combine(params_arrays, params_static)
             f = lambda t, y: problem.f_flat(t, y, params, direction)
             adjoint_solve = isinstance(problem, AdjointProblem)
-            # Measured, not derived: XLA CPU compiles the gradient program's
-            # adjoint loop 30% slower when its steps skip the (unused)
-            # interpolant (mlp-grad: 156 ms against 119 ms), although the same
-            # backward solve on its own runs equally fast either way.
             return integrate(
-                config, f, y0, tau, h0, diagnose_stiffness=not adjoint_solve,
-                dense_output=True if adjoint_solve else None,
-            )  # fmt: skip
+                config, f, y0, tau, h0, diagnose_stiffness=not adjoint_solve
+            )
 
         def select(ys_grid, tau):
             return tuple(leaf[self._grid(tau)[1]] for leaf in ys_grid)
@@ -393,7 +411,9 @@ class BacksolveAdjoint(AbstractAdjoint):
             )
 
         # Not differentiated, the solve keeps no checkpoints.
-        solve = _custom_vjp_loop(forward, backward, primal, select, expand)
+        solve = _custom_vjp_loop(
+            forward, backward, primal, select, expand, _forward_check(config)
+        )
         h0 = _first_step_argument(h0, tau)
         return solve(params_arrays, y0, tau, direction, h0)
 
@@ -438,9 +458,10 @@ class BacksolveAdjoint(AbstractAdjoint):
         cotangents for the inexact array leaves of `params` (None elsewhere).
         """
         diff = eqx.filter(params, eqx.is_inexact_array)
-        theta, unravel_theta = ravel_pytree(diff)
-        m, p = len(ys_grid), theta.shape[0]
+        theta, theta_def = jax.tree.flatten(diff)
+        m, q = len(ys_grid), len(theta)
         dtype = ys_grid[0].dtype
+        g_zero = tuple(jnp.zeros(leaf.size, dtype) for leaf in theta)
         grid, grid_vjp = jax.vjp(lambda tau: self._grid(tau)[0], tau)
         last = grid.shape[0] - 1
         is_output = jnp.zeros(last + 1, bool).at[self._grid(tau)[1]].set(True)
@@ -451,7 +472,7 @@ class BacksolveAdjoint(AbstractAdjoint):
             stops = is_output | (steps_after >= self.checkpoint_min_steps)
         adjoint_problem = AdjointProblem(problem, m)
         adjoint_params = (params, direction)
-        bconfig = self._backward_config(config, m)
+        bconfig = self._backward_config(config, m, q)
         # The backward solves use a plain backsolve (no checkpoints of their
         # own); being custom_vjp solves themselves, they can be differentiated.
         inner = BacksolveAdjoint(
@@ -462,7 +483,7 @@ class BacksolveAdjoint(AbstractAdjoint):
         def solve_to(k, carry):
             """From the current grid point back to grid[k], then reset z there."""
             z, a, g, pos, h, stats = carry
-            state = (*z, *a, jnp.zeros(p, dtype))
+            state = (*z, *a, *g_zero)
             span = jnp.stack([grid[pos], grid[k]])
             out, st = inner.loop(
                 bconfig, adjoint_problem, adjoint_params, state, span, h
@@ -484,7 +505,8 @@ class BacksolveAdjoint(AbstractAdjoint):
                 x + bar
                 for x, bar in zip(end[m : 2 * m], at(ys_grid_bar, k), strict=True)
             )
-            return at(ys_grid, k), a, g + end[2 * m], k.astype(jnp.int32), h, stats
+            g = tuple(x + y for x, y in zip(g, end[2 * m :], strict=True))
+            return at(ys_grid, k), a, g, k.astype(jnp.int32), h, stats
 
         def interval(i, carry):
             k = (last - 1 - i).astype(jnp.int32)
@@ -494,7 +516,7 @@ class BacksolveAdjoint(AbstractAdjoint):
         nan = jnp.full((), jnp.nan, jnp.real(jnp.zeros((), dtype)).dtype)
         stats0 = LoopStats(zero, zero, zero, zero, -grid[last], nan, nan)
         init = (
-            at(ys_grid, last), at(ys_grid_bar, last), jnp.zeros(p, dtype), last + zero,
+            at(ys_grid, last), at(ys_grid_bar, last), g_zero, last + zero,
             jnp.zeros((), tau.dtype), stats0,
         )  # fmt: skip
         _, a, g, _, _, stats = lax.fori_loop(0, last, interval, init)
@@ -504,4 +526,8 @@ class BacksolveAdjoint(AbstractAdjoint):
             problem, params, direction, grid, ys_grid, ys_grid_bar, a_before
         )
         (tau_bar,) = grid_vjp(grid_bar)
-        return (unravel_theta(g), a, tau_bar), stats
+        params_bar = [
+            x.reshape(leaf.shape).astype(leaf.dtype)
+            for x, leaf in zip(g, theta, strict=True)
+        ]
+        return (jax.tree.unflatten(theta_def, params_bar), a, tau_bar), stats

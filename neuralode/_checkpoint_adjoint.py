@@ -34,6 +34,7 @@ from ._adjoint import (
     _custom_vjp_loop,
     _direction_and_tau,
     _first_step_argument,
+    _forward_check,
     _instantiate,
     _is_symbolic_zero,
     _time_cotangents,
@@ -196,6 +197,7 @@ class CheckpointAdjoint(AbstractAdjoint):
             primal,
             select=lambda out, tau: out[0],
             expand=lambda out, tau, ys_bar: (ys_bar, None),
+            check=_forward_check(config),
         )
         h0 = _first_step_argument(h0, tau)
         return solve(params_arrays, y0, tau, direction, h0)

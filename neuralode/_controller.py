@@ -12,35 +12,38 @@ State = tuple[Array, ...]
 """The solver state: a tuple of flat vectors (one for a plain solve; the state,
 adjoint and parameter integral for the backward pass of an adjoint)."""
 
-Norm = Callable[[State], Array]
-
 
 def _real_dtype(x: State):
     return jnp.real(x[0]).dtype
 
 
+def squares(leaf: Array) -> Array:
+    """|x|² elementwise, real."""
+    return jnp.real(leaf * jnp.conj(leaf))
+
+
 def rms_norm(x: State) -> Array:
     """Root-mean-square sqrt(mean(|x|²)) over every component of the state."""
-    size = sum(leaf.size for leaf in x)
-    if size == 0:
-        return jnp.zeros((), _real_dtype(x))
-    squares = [jnp.sum(jnp.real(leaf * jnp.conj(leaf))) for leaf in x if leaf.size]
-    return jnp.sqrt(sum(squares[1:], squares[0]) / size)
+    return norm_of_sums([jnp.sum(squares(leaf)) for leaf in x], [v.size for v in x])
 
 
-def leafwise_rms_norm(leaves: tuple[int, ...]) -> Norm:
-    """The maximum over the chosen leaves of their own RMS norms.
-
-    Used for augmented systems (state, adjoint, parameter integral) so that one
-    large group cannot dilute the norm of a small one; leaving a leaf out is a
-    seminorm. Empty leaves are ignored.
+def norm_of_sums(sums: list, sizes: list[int], groups=None) -> Array:
+    """The RMS norm from each leaf's sum of squares `sums[i]` over its
+    `sizes[i]` components; with `groups` (tuples of leaf indices), the maximum
+    over the groups of their own RMS norms (leaves in no group may be None),
+    so that one large group cannot dilute a small one. Empty groups are skipped.
     """
-
-    def norm(x: State) -> Array:
-        norms = [rms_norm((x[i],)) for i in leaves if x[i].size]
-        return jnp.max(jnp.stack(norms))
-
-    return norm
+    if groups is None:
+        groups = (tuple(range(len(sums))),)
+    norms = []
+    for group in groups:
+        size = sum(sizes[i] for i in group)
+        if size:
+            total = sum(sums[i] for i in group if sizes[i])
+            norms.append(jnp.sqrt(total / size))
+    if not norms:
+        return jnp.zeros((), jnp.result_type(*[x for x in sums if x is not None]))
+    return norms[0] if len(norms) == 1 else jnp.max(jnp.stack(norms))
 
 
 def error_scale(y0: State, y1: State, rtol, atol) -> State:
@@ -49,10 +52,6 @@ def error_scale(y0: State, y1: State, rtol, atol) -> State:
         atol + rtol * jnp.maximum(jnp.abs(a), jnp.abs(b))
         for a, b in zip(y0, y1, strict=True)
     )
-
-
-def tree_divide(a: State, b: State) -> State:
-    return tuple(x / y for x, y in zip(a, b, strict=True))
 
 
 class PIController(eqx.Module):
@@ -129,24 +128,35 @@ def initial_step(
     rtol,
     atol,
     exponent: float,
-    norm: Norm,
+    norm_groups: tuple[tuple[int, ...], ...] | None = None,
 ) -> Array:
     """Hairer's automatic first step (Solving ODEs I, II.4), one extra f call.
 
     d0 = ‖y0‖, d1 = ‖f0‖ (weighted norms), h0 = 0.01 d0/d1, then an Euler step
     of size h0 estimates the second derivative d2 = ‖f(t0+h0, y0+h0 f0) - f0‖/h0
     and h1 = (0.01 / max(d1, d2))^(1/q). The first step is min(100 h0, h1, t_span).
+    The norms are RMS norms, or grouped by `norm_groups` (see `norm_of_sums`).
     """
     scale = tuple(atol + rtol * jnp.abs(leaf) for leaf in y0)
-    d0 = norm(tree_divide(y0, scale))
-    d1 = norm(tree_divide(f0, scale))
+    sizes = [leaf.size for leaf in y0]
+    real = _real_dtype(y0)
+    # d0 and d1 from one reduction per leaf.
+    sums = [
+        jnp.sum(jnp.stack([squares(y / s), squares(k / s)]).astype(real), axis=-1)
+        for y, k, s in zip(y0, f0, scale, strict=True)
+    ]
+    d0 = norm_of_sums([x[0] for x in sums], sizes, norm_groups)
+    d1 = norm_of_sums([x[1] for x in sums], sizes, norm_groups)
     small = (d0 < 1e-5) | (d1 < 1e-5)
     h0 = jnp.where(small, 1e-6, 0.01 * d0 / jnp.where(small, 1.0, d1))
     h0 = jnp.minimum(h0, t_span)
-    h0_y = h0.astype(_real_dtype(y0))
+    h0_y = h0.astype(real)
     f1 = f(t0 + h0, tuple(y + h0_y * k for y, k in zip(y0, f0, strict=True)))
-    diff = tuple(a - b for a, b in zip(f1, f0, strict=True))
-    d2 = norm(tree_divide(diff, scale)) / h0
+    diff_sums = [
+        jnp.sum(squares((a - b) / s).astype(real))
+        for a, b, s in zip(f1, f0, scale, strict=True)
+    ]
+    d2 = norm_of_sums(diff_sums, sizes, norm_groups) / h0
     dmax = jnp.maximum(d1, d2)
     h1 = jnp.where(
         dmax <= 1e-15,

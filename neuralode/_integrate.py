@@ -21,14 +21,12 @@ from jaxtyping import Array, Bool, Float, Int
 from . import _interpolation as interp
 from ._controller import (
     ConstantStepSize,
-    Norm,
     PIController,
     State,
     error_scale,
     initial_step,
-    leafwise_rms_norm,
-    rms_norm,
-    tree_divide,
+    norm_of_sums,
+    squares,
 )
 from ._solution import RESULTS
 from ._solvers import AbstractSolver
@@ -46,19 +44,16 @@ class SolverConfig(eqx.Module):
     atol: float = eqx.field(static=True)
     dt0: float | None = eqx.field(static=True)
     max_steps: int = eqx.field(static=True)
-    norm_leaves: tuple[int, ...] | None = eqx.field(default=None, static=True)
+    # The error norm: RMS over the whole state, or the maximum of the RMS norms
+    # of these groups of leaves (leaves in none are left out: a seminorm).
+    norm_groups: tuple[tuple[int, ...], ...] | None = eqx.field(
+        default=None, static=True
+    )
 
     @property
     def adaptive(self) -> bool:
         """Whether steps are chosen by error control (else all of size dt0)."""
         return self.solver.adaptive and isinstance(self.controller, PIController)
-
-    @property
-    def norm(self) -> Norm:
-        """RMS over all components, or the max of the chosen leaves' RMS norms."""
-        if self.norm_leaves is None:
-            return rms_norm
-        return leafwise_rms_norm(self.norm_leaves)
 
 
 class Attempt(NamedTuple):
@@ -91,11 +86,14 @@ def attempt_step(
     err_prev: Array,
     rejected_last: Array,
     dense: bool = True,
+    estimate_stiffness: bool = True,
 ) -> Attempt:
     """Try a step from t towards t_target, never past it.
 
     A step that would stop within a few ULPs of t_target is stretched to land
     exactly on it. Step-size decisions are made on `stop_gradient` values.
+    `Attempt.stiffness` is h·ρ̂ if `estimate_stiffness` and the method has a
+    stiffness stage, else NaN.
     """
     h_proposed = lax.stop_gradient(h_proposed)
     t_sg = lax.stop_gradient(t)
@@ -109,10 +107,41 @@ def attempt_step(
     h = t_new - t_sg
     solver = config.solver
     step = solver.step(f, t, y, f0, h, dense=dense)
-    finite = jnp.all(jnp.stack([jnp.isfinite(jnp.sum(jnp.real(v))) for v in step.y1]))
+    real = jnp.real(y[0]).dtype
+    # Every sum a step needs, one reduction per leaf: XLA:CPU runs each
+    # reduction as two kernels (a tree of partial sums, then their total). A
+    # leaf sums what is read: the finiteness of y1, its error if the norm
+    # counts it, and the stiffness differences if estimated. Leaves with only
+    # the finiteness to check (an adjoint's parameter integrals) share one.
+    groups = config.norm_groups
+    counted = range(len(y)) if groups is None else {i for g in groups for i in g}
+    pair = step.stiffness_pair if estimate_stiffness else None
     if config.adaptive:
         scale = error_scale(y, step.y1, config.rtol, config.atol)
-        err = lax.stop_gradient(config.norm(tree_divide(step.y_error, scale)))
+    sums: list = [None] * len(y)
+    for i, leaf in enumerate(step.y1):
+        rows = [jnp.real(leaf)]
+        if config.adaptive and i in counted:
+            rows.append(squares(step.y_error[i] / scale[i]))
+        if pair is not None:
+            rows += [squares(pair[0][i]), squares(pair[1][i])]
+        if len(rows) > 1:
+            stacked = jnp.stack([row.astype(real) for row in rows])
+            sums[i] = jnp.sum(stacked, axis=-1)
+    rest = [
+        jnp.real(v).astype(real)
+        for v, x in zip(step.y1, sums, strict=True)
+        if x is None
+    ]
+    finite_sums = [x[0] for x in sums if x is not None]
+    if rest:
+        finite_sums.append(jnp.sum(jnp.concatenate(rest)))
+    finite = jnp.all(jnp.isfinite(jnp.stack(finite_sums)))
+    if config.adaptive:
+        sizes = [leaf.size for leaf in y]
+        error_sums = [x[1] if i in counted else None for i, x in enumerate(sums)]
+        err = norm_of_sums(error_sums, sizes, groups)
+        err = lax.stop_gradient(err)
         finite = finite & jnp.isfinite(err)
         accept = finite & (err <= 1.0)
         factor = config.controller.factor(err, err_prev, accept, solver.error_exponent)
@@ -129,12 +158,13 @@ def attempt_step(
         err = jnp.zeros((), jnp.real(y[0]).dtype)
         accept = finite
         h_next = jnp.full_like(h, config.dt0)
-    real = jnp.real(y[0]).dtype
-    stiffness = (
-        jnp.full((), jnp.nan, real)
-        if step.lipschitz is None
-        else jnp.abs(h).astype(real) * step.lipschitz
-    )
+    if pair is None:
+        stiffness = jnp.full((), jnp.nan, real)
+    else:
+        num = sum(x[-2] for x in sums)
+        den = sum(x[-1] for x in sums)
+        lipschitz = jnp.sqrt(jnp.where(den > 0, num / jnp.where(den > 0, den, 1), 0))
+        stiffness = jnp.abs(h).astype(real) * lipschitz
     return Attempt(
         t_new, h, step.y1, step.f1, step.dense, accept, finite, err, h_next, stiffness
     )
@@ -256,7 +286,7 @@ def first_step(
             config.rtol,
             config.atol,
             config.solver.error_exponent,
-            config.norm,
+            config.norm_groups,
         )
         return lax.stop_gradient(h).astype(t0.dtype), zero + 1
 
@@ -430,6 +460,7 @@ def integrate(
             state.err_prev,
             state.rejected_last,
             dense=dense_output,
+            estimate_stiffness=track_stiffness,
         )
         slots, slot_times, out_steps, out_index = write_slot(state, attempt)
         accept = attempt.accept
@@ -598,9 +629,7 @@ def _chunked_loop(running, body, init: _ForwardState, tau_out, chunk: int):
             local,
         )
         # A step past the chunk's last output covers outputs beyond the window.
-        out_index = jnp.searchsorted(
-            tau_out, state.t, side="right", method="scan"
-        )
+        out_index = jnp.searchsorted(tau_out, state.t, side="right", method="scan")
         return state._replace(out_index=out_index.astype(jnp.int32)), full
 
     init = init._replace(window=padded_times[:chunk])

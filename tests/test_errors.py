@@ -195,3 +195,16 @@ def test_stiffness_stages():
     assert stages == {
         "Dopri5": 5, "Tsit5": 5, "Fehlberg45": 4, "RK4": 3, "Bosh3": None,
     }  # fmt: skip
+
+
+@pytest.mark.parametrize("adjoint", [no.BacksolveAdjoint(), no.CheckpointAdjoint()])
+def test_gradient_reports_a_failed_forward_solve_it_never_reads(adjoint):
+    """A loss linear in the solution never reads its values, so only the
+    backward pass can report that the forward solve hit max_steps."""
+    f = lambda t, y, k: -k * y
+    ts = jnp.array([0.0, 10.0])
+    loss = lambda k: jnp.sum(
+        no.odeint(f, jnp.ones(2), ts, k, max_steps=3, adjoint=adjoint)
+    )
+    with pytest.raises(Exception, match="max_steps=3 reached"):
+        jax.block_until_ready(jax.jit(jax.grad(loss))(jnp.array(1.0)))
