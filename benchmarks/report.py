@@ -224,6 +224,11 @@ def render_markdown(results: dict) -> str:
     rows = results["rows"]
     lines = _header(results)
     lines += ["## Targets for neuralode", "", *_checks_table(target_checks(rows)), ""]
+    lines += [
+        "What bounds each missed target, as measured (profiles, compiled HLO), "
+        "is in [BOUNDS.md](BOUNDS.md).",
+        "",
+    ]
     groups: list[str] = []
     for row in rows:
         if row["group"] not in groups:
