@@ -4,7 +4,10 @@ One loop iteration is one trial step. The state is a tuple of flat vectors
 (the user's pytree flattened once into one; an adjoint's state, adjoint and
 parameter integral kept apart), and time runs forwards (τ, see `_problem`).
 Every attempt stores its step's interpolation data in the slot of the first
-output not yet covered; the outputs are evaluated after the loop.
+output not yet covered; the outputs are evaluated after the loop. A small state
+with many outputs steps in chunks of slots (`output_chunk`), and the loop's
+scalars travel packed (`_packed_while_loop`): both keep XLA:CPU's per-step
+kernel count and dispatch cost down, which is what a small system's step costs.
 """
 
 from __future__ import annotations
@@ -108,39 +111,11 @@ def attempt_step(
     solver = config.solver
     step = solver.step(f, t, y, f0, h, dense=dense)
     real = jnp.real(y[0]).dtype
-    # Every sum a step needs, one reduction per leaf: XLA:CPU runs each
-    # reduction as two kernels (a tree of partial sums, then their total). A
-    # leaf sums what is read: the finiteness of y1, its error if the norm
-    # counts it, and the stiffness differences if estimated. Leaves with only
-    # the finiteness to check (an adjoint's parameter integrals) share one.
-    groups = config.norm_groups
-    counted = range(len(y)) if groups is None else {i for g in groups for i in g}
     pair = step.stiffness_pair if estimate_stiffness else None
-    if config.adaptive:
-        scale = error_scale(y, step.y1, config.rtol, config.atol)
-    sums: list = [None] * len(y)
-    for i, leaf in enumerate(step.y1):
-        rows = [jnp.real(leaf)]
-        if config.adaptive and i in counted:
-            rows.append(squares(step.y_error[i] / scale[i]))
-        if pair is not None:
-            rows += [squares(pair[0][i]), squares(pair[1][i])]
-        if len(rows) > 1:
-            stacked = jnp.stack([row.astype(real) for row in rows])
-            sums[i] = jnp.sum(stacked, axis=-1)
-    rest = [
-        jnp.real(v).astype(real)
-        for v, x in zip(step.y1, sums, strict=True)
-        if x is None
-    ]
-    finite_sums = [x[0] for x in sums if x is not None]
-    if rest:
-        finite_sums.append(jnp.sum(jnp.concatenate(rest)))
-    finite = jnp.all(jnp.isfinite(jnp.stack(finite_sums)))
+    finite, error_sums, stiff_sums = _step_sums(config, y, step, pair, real)
     if config.adaptive:
         sizes = [leaf.size for leaf in y]
-        error_sums = [x[1] if i in counted else None for i, x in enumerate(sums)]
-        err = norm_of_sums(error_sums, sizes, groups)
+        err = norm_of_sums(error_sums, sizes, config.norm_groups)
         err = lax.stop_gradient(err)
         finite = finite & jnp.isfinite(err)
         accept = finite & (err <= 1.0)
@@ -161,13 +136,57 @@ def attempt_step(
     if pair is None:
         stiffness = jnp.full((), jnp.nan, real)
     else:
-        num = sum(x[-2] for x in sums)
-        den = sum(x[-1] for x in sums)
+        num, den = stiff_sums
         lipschitz = jnp.sqrt(jnp.where(den > 0, num / jnp.where(den > 0, den, 1), 0))
         stiffness = jnp.abs(h).astype(real) * lipschitz
     return Attempt(
         t_new, h, step.y1, step.f1, step.dense, accept, finite, err, h_next, stiffness
     )
+
+
+def _step_sums(config: SolverConfig, y: State, step, pair, real):
+    """Every sum over the state a step needs, one reduction per leaf.
+
+    XLA:CPU runs each reduction as two kernels (a tree of partial sums, then
+    their total). A leaf sums what is read: the finiteness of y1, its error if
+    the norm counts it, and the stiffness differences `pair` if estimated;
+    leaves with only finiteness to check (an adjoint's parameter integrals)
+    share one reduction.
+
+    **Returns:** `(finite, error_sums, (num, den) or None)`, with `error_sums[i]`
+    the sum of squares of leaf i's weighted error (None where not counted).
+    """
+    groups = config.norm_groups
+    counted = range(len(y)) if groups is None else {i for g in groups for i in g}
+    with_error = config.adaptive
+    if with_error:
+        scale = error_scale(y, step.y1, config.rtol, config.atol)
+    sums: list = [None] * len(y)
+    for i, leaf in enumerate(step.y1):
+        rows = [jnp.real(leaf)]
+        if with_error and i in counted:
+            rows.append(squares(step.y_error[i] / scale[i]))
+        if pair is not None:
+            rows += [squares(pair[0][i]), squares(pair[1][i])]
+        if len(rows) > 1:
+            stacked = jnp.stack([row.astype(real) for row in rows])
+            sums[i] = jnp.sum(stacked, axis=-1)
+    rest = [
+        jnp.real(v).astype(real)
+        for v, x in zip(step.y1, sums, strict=True)
+        if x is None
+    ]
+    finite_sums = [x[0] for x in sums if x is not None]
+    if rest:
+        finite_sums.append(jnp.sum(jnp.concatenate(rest)))
+    finite = jnp.all(jnp.isfinite(jnp.stack(finite_sums)))
+    error_sums = [
+        x[1] if with_error and i in counted else None for i, x in enumerate(sums)
+    ]
+    stiff_sums = None
+    if pair is not None:
+        stiff_sums = (sum(x[-2] for x in sums), sum(x[-1] for x in sums))
+    return finite, error_sums, stiff_sums
 
 
 def underflowed(h_next: Array, t: Array) -> Array:
