@@ -579,7 +579,7 @@ def integrate(
 
 def _packed_while_loop(cond, body, init: _ForwardState) -> _ForwardState:
     """`lax.while_loop` with the state's scalars carried as one vector per dtype
-    (flags with the int32 counters).
+    (flags with the int32 counters) and each leaf of y stacked with its f0.
 
     XLA:CPU computes each loop output in its own kernel; packed, the scalar
     bookkeeping of a step (time, step size, counters, result) is a handful of
@@ -598,15 +598,20 @@ def _packed_while_loop(cond, body, init: _ForwardState) -> _ForwardState:
             jnp.stack([values[n].astype(dtype) for n in members])
             for dtype, members in groups.items()
         )
-        return vectors, state._replace(**dict.fromkeys(names))
+        # Each leaf of y with its f0, so that both are one loop output.
+        y_f0 = tuple(jnp.stack(pair) for pair in zip(state.y, state.f0, strict=True))
+        rest = state._replace(**dict.fromkeys(names), y=None, f0=None)
+        return vectors, y_f0, rest
 
     def unpack(carry) -> _ForwardState:
-        vectors, rest = carry
+        vectors, y_f0, rest = carry
         values = {}
         for vector, members in zip(vectors, groups.values(), strict=True):
             for i, name in enumerate(members):
                 values[name] = vector[i].astype(fields[name].dtype)
-        return rest._replace(**values)
+        y = tuple(pair[0] for pair in y_f0)
+        f0 = tuple(pair[1] for pair in y_f0)
+        return rest._replace(**values, y=y, f0=f0)
 
     final = lax.while_loop(
         lambda carry: cond(unpack(carry)),
