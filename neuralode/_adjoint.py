@@ -220,6 +220,25 @@ def _forward_check(config: SolverConfig):
     return check
 
 
+def _diagnoses(problem) -> bool:
+    """Whether a solve of `problem` diagnoses stiffness on failure: not for an
+    adjoint system, where it would differentiate a VJP (doubling the gradient's
+    compile time) and the forward solve has diagnosed already."""
+    return not isinstance(problem, AdjointProblem)
+
+
+def _primal_solve(config: SolverConfig, problem, params_static):
+    """The `primal` of `_custom_vjp_loop`: a plain solve of `problem` at the
+    output times, keeping nothing for a backward pass."""
+
+    def primal(params_arrays, y0, tau, direction, h0):
+        params = eqx.combine(params_arrays, params_static)
+        f = lambda t, y: problem.f_flat(t, y, params, direction)
+        return integrate(config, f, y0, tau, h0, diagnose_stiffness=_diagnoses(problem))
+
+    return primal
+
+
 def _first_step_argument(h0: Array | None, tau: Array) -> Array:
     return jnp.zeros((), tau.dtype) if h0 is None else jnp.asarray(h0, tau.dtype)
 
@@ -392,14 +411,6 @@ class BacksolveAdjoint(AbstractAdjoint):
             )
             return tie(cotangents, token)
 
-        def primal(params_arrays, y0, tau, direction, h0):
-            params = eqx.combine(params_arrays, params_static)
-            f = lambda t, y: problem.f_flat(t, y, params, direction)
-            adjoint_solve = isinstance(problem, AdjointProblem)
-            return integrate(
-                config, f, y0, tau, h0, diagnose_stiffness=not adjoint_solve
-            )
-
         def select(ys_grid, tau):
             return tuple(leaf[self._grid(tau)[1]] for leaf in ys_grid)
 
@@ -411,6 +422,7 @@ class BacksolveAdjoint(AbstractAdjoint):
             )
 
         # Not differentiated, the solve keeps no checkpoints.
+        primal = _primal_solve(config, problem, params_static)
         solve = _custom_vjp_loop(
             forward, backward, primal, select, expand, _forward_check(config)
         )
@@ -426,11 +438,8 @@ class BacksolveAdjoint(AbstractAdjoint):
         f = lambda t, y: problem.f_flat(t, y, params, direction)
         grid = self._grid(tau)[0]
         record = self.checkpoints > 0
-        # The stiffness diagnosis of an adjoint solve would differentiate a VJP:
-        # it doubles the gradient's compile time, and the forward solve has one.
-        diagnose = not isinstance(problem, AdjointProblem)
         return integrate(
-            config, f, y0, grid, h0, diagnose_stiffness=diagnose,
+            config, f, y0, grid, h0, diagnose_stiffness=_diagnoses(problem),
             record_output_steps=record,
         )  # fmt: skip
 

@@ -37,6 +37,7 @@ from ._adjoint import (
     _forward_check,
     _instantiate,
     _is_symbolic_zero,
+    _primal_solve,
     _time_cotangents,
 )
 from ._controller import State
@@ -185,16 +186,11 @@ class CheckpointAdjoint(AbstractAdjoint):
                 _instantiate(ys_bar), _instantiate(starts_bar),
             )  # fmt: skip
 
-        def primal(params_arrays, y0, tau, direction, h0):
-            params = eqx.combine(params_arrays, params_static)
-            f = lambda t, y: problem.f_flat(t, y, params, direction)
-            return integrate(config, f, y0, tau, h0)
-
         # Not differentiated, the solve records no steps.
         solve = _custom_vjp_loop(
             forward,
             backward,
-            primal,
+            _primal_solve(config, problem, params_static),
             select=lambda out, tau: out[0],
             expand=lambda out, tau, ys_bar: (ys_bar, None),
             check=_forward_check(config),

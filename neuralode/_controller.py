@@ -10,7 +10,7 @@ from jaxtyping import Array, Float
 
 State = tuple[Array, ...]
 """The solver state: a tuple of flat vectors (one for a plain solve; the state,
-adjoint and parameter integral for the backward pass of an adjoint)."""
+adjoint and parameter integrals for the backward pass of an adjoint)."""
 
 
 def _real_dtype(x: State):

@@ -26,13 +26,13 @@ def _float_dtype(tree):
     return dtype
 
 
-@final
 def solver_options(layer: Any) -> dict[str, Any]:
     """The `odeint`/`solve` keywords stored on a layer (`NeuralODE`, `CNF`)."""
     names = ("solver", "rtol", "atol", "dt0", "max_steps", "adjoint")
     return {name: getattr(layer, name) for name in names}
 
 
+@final
 class NeuralODE(eqx.Module):
     r"""A neural ODE layer: maps $y(t_0)$ to the solution $y(t_1)$ of $y' = f(t, y)$.
 
