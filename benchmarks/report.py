@@ -8,6 +8,7 @@ from typing import Any
 
 from .problems import GROUP_NOTES
 from .runners import LIBRARY_LABELS
+from .runners.common import LOOSE_BACKSOLVE
 
 _COLUMNS = (
     "library",
@@ -109,6 +110,32 @@ def _check(
     return {"target": label, "value": shown, "met": value <= bound}
 
 
+def _backsolve_at_equal_error(rows: list[dict]) -> dict:
+    """mlp-grad: the fastest neuralode backsolve whose gradient error is at most
+    diffrax's, against diffrax's backsolve (the issue: "at an equal or smaller
+    gradient error"); the value also names the default-tolerance ratio."""
+    label = (
+        "mlp-grad grad (backsolve): time ≤ 0.8× diffrax backsolve "
+        "at an equal or smaller gradient error"
+    )
+    theirs = _find(rows, "mlp-grad", "diffrax", "backsolve", "grad")
+    if theirs is None or theirs.get("error") is None:
+        return _check(label, None, 0.8)
+    ratio = {}
+    for variant in ("backsolve", LOOSE_BACKSOLVE):
+        mine = _find(rows, "mlp-grad", "neuralode", variant, "grad")
+        if mine and mine.get("error") is not None and mine["error"] <= theirs["error"]:
+            ratio[variant] = mine["time_median_s"] / theirs["time_median_s"]
+    if not ratio:
+        return _check(label, None, 0.8)
+    best = min(ratio, key=ratio.__getitem__)
+    mine = _find(rows, "mlp-grad", "neuralode", best, "grad")
+    note = f"{best}, error {mine['error']:.2g} vs diffrax {theirs['error']:.2g}"
+    if best != "backsolve" and "backsolve" in ratio:
+        note += f"; default tolerances {ratio['backsolve']:.3g}×"
+    return _check(label, ratio[best], 0.8, "×", note)
+
+
 def target_checks(rows: list[dict]) -> list[dict]:
     """neuralode's targets, each with its measured value and whether it is met."""
     checks = []
@@ -131,10 +158,10 @@ def target_checks(rows: list[dict]) -> list[dict]:
         label = f"{problem} {task} ({variant}): {name} ≤ {bound:g}× diffrax {rival}"
         checks.append(_check(label, ratio, bound, "×", note))
 
-    pairs = (("backsolve", "backsolve"), ("checkpoint", "recursive-checkpoint"))
-    for variant, rival in pairs:
-        relative("mlp-grad", variant, rival, "grad", "time_median_s", 0.8)
-        relative("mlp-grad", variant, rival, "grad", "first_call_s", 0.5)
+    checks.append(_backsolve_at_equal_error(rows))
+    relative("mlp-grad", "backsolve", "backsolve", "grad", "first_call_s", 0.5)
+    for key, bound in (("time_median_s", 0.8), ("first_call_s", 0.5)):
+        relative("mlp-grad", "checkpoint", "recursive-checkpoint", "grad", key, bound)
     cnf_rivals = {
         "backsolve": "backsolve",
         "checkpoint": "recursive-checkpoint",
@@ -209,7 +236,10 @@ def _header(results: dict) -> list[str]:
         "gradients the limit is the forward evaluations plus one VJP of the field "
         "per backward evaluation (continuous adjoints) or per forward evaluation "
         "(discretise-then-optimise: checkpoint, recursive-checkpoint; their "
-        "recomputation is overhead). *NFE*: counted in separate counting "
+        "recomputation is overhead). *backsolve-loose*: neuralode's "
+        "`BacksolveAdjoint(rtol=10·rtol, atol=10·atol)`, backward tolerances 10× "
+        "the forward ones (the issue compares backsolve times at an equal or "
+        "smaller gradient error). *NFE*: counted in separate counting "
         "runs (backward = gradient call − forward call). *rel. error*: relative "
         "2-norm error against a float64 reference (SciPy DOP853 at rtol 1e-12 for "
         "solutions; fine-step float64 RK4 discretise-then-optimise for gradients). "

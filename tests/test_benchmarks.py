@@ -71,3 +71,38 @@ def test_quick_run_writes_results(
 
     report = md_out.read_text()
     assert "python -m benchmarks.run" in report and "neuralode" in report
+
+
+def _grad_row(library: str, variant: str, time_s: float, error: float) -> dict:
+    return {
+        "problem": "mlp-grad",
+        "library": library,
+        "variant": variant,
+        "task": "grad",
+        "time_median_s": time_s,
+        "error": error,
+    }
+
+
+def test_backsolve_target_only_counts_variants_at_most_diffraxs_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks.report import _backsolve_at_equal_error
+
+    theirs = _grad_row("diffrax", "backsolve", 1.0, 1e-3)
+    default = _grad_row("neuralode", "backsolve", 0.9, 1e-6)
+    loose = _grad_row("neuralode", "backsolve-loose", 0.5, 1e-4)
+    check = _backsolve_at_equal_error([theirs, default, loose])
+    assert check["met"] is True
+    assert (
+        check["value"].startswith("0.5×")
+        and "default tolerances 0.9×" in check["value"]
+    )
+
+    # A faster variant that is less accurate than diffrax does not count.
+    loose["error"] = 1e-2
+    check = _backsolve_at_equal_error([theirs, default, loose])
+    assert check["met"] is False and check["value"].startswith("0.9×")
+    # Without diffrax there is nothing to compare with.
+    assert _backsolve_at_equal_error([default, loose])["met"] is None

@@ -12,7 +12,14 @@ import importlib
 import traceback
 
 from ..problems import Problem
-from .common import RunSettings, Skipped, failed_rows, shorten_error, skipped_rows
+from .common import (
+    LOOSE_BACKSOLVE,
+    RunSettings,
+    Skipped,
+    failed_rows,
+    shorten_error,
+    skipped_rows,
+)
 
 #: Library keys in the order they are run (interleaved within each problem).
 LIBRARIES: tuple[str, ...] = ("neuralode", "diffrax", "jaxode", "torchdiffeq")
@@ -37,7 +44,13 @@ def variants(library: str, problem: Problem) -> tuple[str, ...]:
     """The variants (adjoint methods) benchmarked for `library` on `problem`."""
     if problem.kind == "fwd":
         return ("dopri5",)
-    extra = ("CNF",) if (library == "neuralode" and problem.kind == "cnf") else ()
+    extra: tuple[str, ...] = ()
+    if library == "neuralode" and problem.kind == "cnf":
+        extra = ("CNF",)
+    if library == "neuralode" and problem.name == "mlp-grad":
+        # The issue's target compares backsolve times "at an equal or smaller
+        # gradient error": this variant spends part of neuralode's accuracy lead.
+        extra = (LOOSE_BACKSOLVE,)
     return _GRAD_VARIANTS[library] + extra
 
 

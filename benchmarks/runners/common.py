@@ -33,6 +33,9 @@ ROW_KEYS: tuple[str, ...] = (
     "temp_bytes",
 )
 
+#: neuralode's BacksolveAdjoint with backward tolerances 10× the forward ones.
+LOOSE_BACKSOLVE = "backsolve-loose"
+
 #: Discretise-then-optimise adjoints: the minimum backward work is one VJP per
 #: forward evaluation (their other backward evaluations are recomputation).
 #: Continuous adjoints need one VJP per backward evaluation.

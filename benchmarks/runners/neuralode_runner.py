@@ -6,7 +6,7 @@ from typing import Any
 
 from ..fields import FIELDS
 from ..problems import Problem
-from .common import RunSettings, Skipped
+from .common import LOOSE_BACKSOLVE, RunSettings, Skipped
 from .jax_common import run_jax
 
 _ADJOINTS = {"backsolve": "BacksolveAdjoint", "checkpoint": "CheckpointAdjoint"}
@@ -67,10 +67,12 @@ def _run_cnf_class(
     )
 
 
-def _adjoint(no: Any, variant: str) -> Any:
+def _adjoint(no: Any, variant: str, problem: Problem) -> Any:
     """The adjoint object of `variant` (None: the library default)."""
     if variant == "dopri5":
         return None
+    if variant == LOOSE_BACKSOLVE:
+        return no.BacksolveAdjoint(rtol=10 * problem.rtol, atol=10 * problem.atol)
     if variant not in _ADJOINTS:
         raise Skipped(f"unknown neuralode variant {variant!r}")
     name = _ADJOINTS[variant]
@@ -89,7 +91,7 @@ def run(
         raise Skipped("neuralode.solve not available yet")
     if variant == "CNF":
         return _run_cnf_class(no, problem, ref, settings)
-    adjoint = _adjoint(no, variant)
+    adjoint = _adjoint(no, variant, problem)
     extra = {} if adjoint is None else {"adjoint": adjoint}
 
     def make_solve(field: Any) -> Any:
