@@ -195,6 +195,13 @@ def target_checks(rows: list[dict]) -> list[dict]:
         error = row.get("error") if ok else None
         label = f"mem-T100 ({variant}): completes, grad error ≤ 1e-3"
         checks.append(_check(label, error, 1e-3))
+    short = _find(rows, "mem-T1", "neuralode", "backsolve", "grad")
+    long = _find(rows, "mem-T100", "neuralode", "backsolve", "grad")
+    growth = None
+    if short and long and short.get("temp_bytes") and long.get("temp_bytes"):
+        growth = long["temp_bytes"] / short["temp_bytes"]
+    label = "mem-T100 (backsolve): temp mem ≤ 2× that at T = 1"
+    checks.append(_check(label, growth, 2.0, "×"))
     return checks
 
 
