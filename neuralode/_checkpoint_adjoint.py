@@ -1,25 +1,30 @@
 """`CheckpointAdjoint`: the exact gradient of the discrete solution, by replaying
-its stored steps, with reverse-over-reverse (gradients of gradients) support.
+its steps, in bounded memory, with reverse-over-reverse (gradients of gradients)
+support.
 
 Write the accepted steps as y_{k+1} = Φ_k(y_k, θ) (Φ_k one Runge–Kutta step
 from t_k to t_{k+1}; the step sizes are not differentiated). Three pieces, each
 with a rule that JAX can differentiate once more:
 
-1. the solve, (y0, θ) ↦ (outputs, Y = (y_0, …, y_{N-1})), whose VJP is
+1. the solve, (y0, θ) ↦ (outputs, Y), Y the start states of every S-th step
+   (S doubles whenever the record's slots fill, see `StepRecord`), whose VJP is
 2. the reverse sweep S: a_N = ȳ_N, a_k = Φ_kᵀ_y a_{k+1} + Ȳ_k,
-   g = Σ_k Φ_kᵀ_θ a_{k+1}, returning (a_0, g); S is linear in the cotangents,
-   so its own VJP is
+   g = Σ_k Φ_kᵀ_θ a_{k+1}, returning (a_0, g), where Ȳ_k holds the cotangents
+   of the outputs inside step k (through its interpolant) and, in second-order
+   use, of the kept states. First order, it runs segment by segment,
+   recomputing each segment's states from its kept one (`_segment_sweep`).
+   S is linear in the cotangents, so its own VJP is that of the same sweep
+   over all N states, recomputed by D (`_densify`):
 3. a forward tangent sweep: with cotangents (c, d) of (a_0, g), b_0 = c,
    b_{k+1} = Φ_k'·(b_k, d) (one JVP per step), the cotangent of Ȳ_k is b_k and
-   those of y_k and θ are ∇_{y,θ} ⟨a_{k+1}, Φ_k'(y_k, θ)·(b_k, d)⟩.
-
-Output times inside a step are interpolated from the step's dense output; their
-cotangents reach y_k and θ through one batched VJP outside the sweeps.
+   those of y_k and θ are ∇_{y,θ} ⟨a_{k+1}, Φ_k'(y_k, θ)·(b_k, d)⟩; D's own
+   rule hands the y_k cotangents back to the kept states.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import equinox as eqx
 import jax
@@ -41,7 +46,7 @@ from ._adjoint import (
     _time_cotangents,
 )
 from ._controller import State
-from ._integrate import integrate
+from ._integrate import StepRecord, integrate, thinned_stride
 
 StepFn = Callable[[State, jax.Array, jax.Array, jax.Array], tuple[State, State]]
 
@@ -142,27 +147,288 @@ def _reverse_sweep(step: StepFn, state_cotangents: bool) -> Callable:
     return sweep
 
 
+def _where(pred, a: State, b: State) -> State:
+    return tuple(jnp.where(pred, x, y) for x, y in zip(a, b, strict=True))
+
+
+def _zeros_for(tree):
+    """Cotangents of non-differentiated inputs: zeros, float0 for integers."""
+    return jax.tree.map(
+        lambda x: (
+            jnp.zeros_like(x)
+            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)
+            else _float0_like(x)
+        ),
+        tree,
+    )
+
+
+class _Layout(NamedTuple):
+    """Where things are, none of it differentiated: the record's `stride`,
+    step `times` and `count`; the interior outputs' steps (-1: at t0) and
+    fractions θ_i of them."""
+
+    stride: jax.Array
+    times: jax.Array
+    count: jax.Array
+    output_steps: jax.Array | None
+    fractions: jax.Array | None
+
+
+def _densify(step: StepFn, max_steps: int) -> Callable:
+    """D(Y, θ, layout): the start state of every step in a `max_steps` buffer,
+    recomputed from the kept states; a custom_vjp whose rule walks the steps
+    backward and hands each kept state its cotangent. Only the gradient of a
+    gradient uses it."""
+
+    def end_state(y, theta, k, layout):
+        return step(y, theta, layout.times[k], layout.times[k + 1])[0]
+
+    @jax.custom_vjp
+    def densify(kept, theta, layout):
+        def body(carry):
+            k, y, full = carry
+            kept_here = lax.rem(k, layout.stride) == 0
+            y = _where(kept_here, _at(kept, lax.div(k, layout.stride)), y)
+            return k + 1, end_state(y, theta, k, layout), _put(full, k, y)
+
+        full = tuple(
+            jnp.zeros((max_steps,) + leaf.shape[1:], leaf.dtype) for leaf in kept
+        )
+        init = (jnp.zeros_like(layout.count), _at(kept, 0), full)
+        return lax.while_loop(lambda c: c[0] < layout.count, body, init)[2]
+
+    def fwd(kept, theta, layout):
+        full = densify(kept, theta, layout)
+        return full, (full, kept, theta, layout)
+
+    def bwd(residuals, full_bar):
+        full, kept, theta, layout = residuals
+
+        def body(carry):
+            k, a, kept_bar, theta_bar = carry
+            # a is the cotangent of y_{k+1}: step k made it unless it is kept.
+            made = ((k + 1) % layout.stride != 0) & (k + 1 < layout.count)
+            a = tuple(jnp.where(made, x, 0) for x in a)
+            _, vjp = jax.vjp(
+                lambda y, th: end_state(y, th, k, layout), _at(full, k), theta
+            )
+            a_y, a_theta = vjp(a)
+            a = _add(a_y, _at(full_bar, k))
+            kept_here = k % layout.stride == 0
+            kept_bar = _where(
+                kept_here, _put(kept_bar, k // layout.stride, a), kept_bar
+            )
+            return k - 1, a, kept_bar, theta_bar + a_theta
+
+        zeros = tuple(map(jnp.zeros_like, kept))
+        init = (layout.count - 1, _at(zeros, 0), zeros, jnp.zeros_like(theta))
+        _, _, kept_bar, theta_bar = lax.while_loop(lambda c: c[0] >= 0, body, init)
+        return kept_bar, theta_bar, _zeros_for(layout)
+
+    densify.defvjp(fwd, bwd)
+    return densify
+
+
+def _segment_sweep(step: StepFn, longest: int, degree: int) -> Callable:
+    """S(Y, θ, Ȳ_kept, ȳ_outputs, ȳ_N, layout) -> (a_0, g) of the module doc,
+    first order, in memory for `longest` states besides the record.
+
+    Segment j is steps [j·S, (j+1)·S) for the stride S. Walking the segments
+    from the last, the sweep recomputes a segment's start states from its kept
+    state into a local buffer, then back-propagates through its steps in
+    reverse. One loop does both, one step per iteration, so that the step is
+    compiled once; a recomputed step costs a VJP, whose result is dropped. An
+    interior output y(θ_i) = y_k + Σ_p θ_i^(p+1) C_p enters the VJP of its step
+    k through the interpolation coefficients C_p.
+    """
+    may_recompute = longest > 1
+
+    def injected(k, outputs_bar, layout):
+        """Cotangents of (C_p) and of y_k directly from the outputs in step k."""
+        mask = (layout.output_steps == k).astype(layout.fractions.dtype)
+        exponents = jnp.arange(1, degree + 1, dtype=layout.fractions.dtype)
+        powers = layout.fractions[:, None] ** exponents
+        weights = (mask[:, None] * powers).astype(outputs_bar[0].dtype)
+        mask = mask.astype(outputs_bar[0].dtype)
+        coefficients = tuple(
+            jnp.tensordot(weights, bar, ((0,), (0,))) for bar in outputs_bar
+        )
+        direct = tuple(jnp.tensordot(mask, bar, ((0,), (0,))) for bar in outputs_bar)
+        return coefficients, direct
+
+    def sweep(kept, theta, kept_bar, outputs_bar, seed, layout):
+        stride, count = layout.stride, layout.count
+        length = lambda j: jnp.minimum(stride, count - j * stride)
+
+        def body(carry):
+            j, i, reverse, local, a, g = carry
+            k = j * stride + i
+            t, t_new = layout.times[k], layout.times[k + 1]
+            (y1, _), vjp = jax.vjp(
+                lambda y, th: step(y, th, t, t_new), _at(local, i), theta
+            )
+
+            def back():
+                coefficients = None
+                if outputs_bar is not None:
+                    coefficients, direct = injected(k, outputs_bar, layout)
+                a_y, a_theta = vjp((a, coefficients))
+                if outputs_bar is not None:
+                    a_y = _add(a_y, direct)
+                if kept_bar is not None:
+                    kept_here = _at(kept_bar, j)
+                    a_y = _where(k % stride == 0, _add(a_y, kept_here), a_y)
+                return a_y, a_theta
+
+            a_new, g_step = back()
+            if may_recompute:
+                # Recomputing, keep y_{k+1} and leave a and g alone (the VJP is
+                # computed anyway: a branch around it would keep XLA from
+                # fusing its two halves, slowing every step more than the
+                # recomputed ones cost). Reversing, rewrite what is there.
+                slot = jnp.minimum(i + 1, longest - 1)
+                local = _put(local, slot, _where(reverse, _at(local, slot), y1))
+                a_new = _where(reverse, a_new, a)
+                g_step = jnp.where(reverse, g_step, 0)
+            a = a_new
+            # After step j·S, the next segment down starts from its kept state.
+            bottom = reverse & (i == 0)
+            below = jnp.maximum(j - 1, 0)
+            start = _where(bottom, _at(kept, below), _at(local, 0))
+            local = _put(local, 0, start)
+            i_next = jnp.where(reverse, jnp.where(bottom, 0, i - 1), i + 1)
+            reverse_next = jnp.where(
+                reverse, ~bottom | (length(below) <= 1), i + 2 >= length(j)
+            )
+            j_next = jnp.where(bottom, j - 1, j)
+            return j_next, i_next, reverse_next, local, a, g + g_step
+
+        segments = (count + stride - 1) // stride
+        last = jnp.maximum(segments - 1, 0)
+        local = tuple(
+            jnp.zeros((longest,) + leaf.shape[1:], leaf.dtype) for leaf in kept
+        )
+        local = _put(local, 0, _at(kept, last))
+        init = (
+            segments - 1, jnp.zeros_like(count), length(last) <= 1, local, seed,
+            jnp.zeros_like(theta),
+        )  # fmt: skip
+        _, _, _, _, a0, g = lax.while_loop(lambda c: c[0] >= 0, body, init)
+        return a0, g
+
+    return sweep
+
+
+def _checkpoint_sweep(step: StepFn, max_steps: int, longest: int, degree: int):
+    """The reverse sweep S (module doc) as a custom_vjp: `_segment_sweep` when
+    evaluated; differentiated, the same sums over all N recomputed states (D),
+    with the interior outputs' VJPs batched and `_reverse_sweep`'s rule."""
+    segment_sweep = _segment_sweep(step, longest, degree)
+    densify = _densify(step, max_steps)
+
+    def over_all_states(kept, theta, kept_bar, outputs_bar, seed, layout):
+        full = densify(kept, theta, layout)
+        starts_bar = None
+        if kept_bar is not None:
+            # Slot j holds step j·stride; slots past the count are dropped.
+            index = jnp.arange(kept_bar[0].shape[0]) * layout.stride
+            index = jnp.where(index < layout.count, index, max_steps)
+            starts_bar = tuple(
+                jnp.zeros_like(leaf).at[index].add(bar, mode="drop")
+                for leaf, bar in zip(full, kept_bar, strict=True)
+            )
+        theta_bar = jnp.zeros_like(theta)
+        if outputs_bar is not None:
+            k = jnp.maximum(layout.output_steps, 0)
+            t, t_new = layout.times[k], layout.times[k + 1]
+
+            def interpolate(y, theta, t, t_new, fraction):
+                _, dense = step(y, theta, t, t_new)
+                return tuple(map(interp.evaluate, y, dense, (fraction,) * len(y)))
+
+            batched = jax.vmap(interpolate, in_axes=(0, None, 0, 0, 0))
+            _, vjp = jax.vjp(
+                lambda y, th: batched(y, th, t, t_new, layout.fractions),
+                _at(full, k),
+                theta,
+            )
+            mask = (layout.output_steps >= 0)[:, None]
+            y_bar, theta_bar = vjp(
+                tuple(jnp.where(mask, bar, 0) for bar in outputs_bar)
+            )
+            if starts_bar is None:
+                starts_bar = tuple(map(jnp.zeros_like, full))
+            starts_bar = tuple(
+                s.at[k].add(jnp.where(mask, b, 0))
+                for s, b in zip(starts_bar, y_bar, strict=True)
+            )
+        sweep = _reverse_sweep(step, state_cotangents=starts_bar is not None)
+        a0, g = sweep(full, theta, starts_bar, seed, layout.times, layout.count)
+        return a0, g + theta_bar
+
+    @jax.custom_vjp
+    def sweep(kept, theta, kept_bar, outputs_bar, seed, layout):
+        return segment_sweep(kept, theta, kept_bar, outputs_bar, seed, layout)
+
+    def fwd(kept, theta, kept_bar, outputs_bar, seed, layout):
+        out, vjp = jax.vjp(
+            lambda *args: over_all_states(*args, layout),
+            kept, theta, kept_bar, outputs_bar, seed,
+        )  # fmt: skip
+        return out, (vjp, layout)
+
+    def bwd(residuals, cotangents):
+        vjp, layout = residuals
+        return (*vjp(cotangents), _zeros_for(layout))
+
+    sweep.defvjp(fwd, bwd)
+    return sweep
+
+
 class CheckpointAdjoint(AbstractAdjoint):
     """Differentiate the discrete solution exactly (discretise-then-optimise).
 
-    The forward pass stores every accepted step (its start time, end time and
-    start state) in buffers of length `max_steps`; the backward pass walks the
-    steps in reverse and back-propagates through each single Runge–Kutta step
-    and the interpolation of the outputs it covers. The gradient equals that of
-    the computed solution to rounding. Memory grows linearly with `max_steps`
-    (`max_steps × state size` floats), so keep `max_steps` near what the solve
-    needs. Step-size decisions are not differentiated.
+    The forward pass stores every accepted step's times and the start states of
+    up to `checkpoints` of them; the backward pass walks the steps in reverse
+    and back-propagates through each single Runge–Kutta step and the
+    interpolation of the outputs it covers. The gradient equals that of the
+    computed solution to rounding. Step-size decisions are not differentiated.
 
-    Gradients of gradients work: the reverse sweep has its own VJP, a forward
-    tangent sweep (one JVP-then-VJP of a step per step, two more `max_steps`
-    buffers). Third derivatives in reverse mode are not available.
+    Memory is bounded: when a solve takes more steps than `checkpoints`, the
+    kept states thin out to every 2nd, 4th, … step (the stride doubles each
+    time the slots fill), and the backward pass recomputes each dropped state
+    once, from the kept state before it, at the cost of one more VJP of a step
+    per dropped state. It holds `checkpoints` + 1 states and at most
+    2·max_steps/`checkpoints` more for the stretch being recomputed (16 for
+    the default 256 and `max_steps=4096`). `checkpoints=None` keeps every step
+    (`max_steps` states, no recomputation).
+
+    Gradients of gradients work: the backward pass has its own VJP, a forward
+    tangent sweep (one JVP-then-VJP of a step per step). It recomputes all
+    start states and holds them, with two more `max_steps` buffers. Third
+    derivatives in reverse mode are not available.
 
     Gradients with respect to `ts` use the continuous-time formula
     ∂L/∂t_i = ȳ_i·f(t_i, y_i) (and -a(t_0)·f(t_0, y_0) for t_0).
 
     A `custom_vjp` blocks forward-mode differentiation: use `ForwardMode()` for
     `jax.jvp`/`jax.jacfwd`.
+
+    **Arguments:**
+
+    - `checkpoints`: how many step start states the forward pass keeps, at
+      least 2 (default 256); None keeps all of them.
     """
+
+    checkpoints: int | None = eqx.field(default=256, static=True)
+
+    def __check_init__(self):
+        if self.checkpoints is not None and self.checkpoints < 2:
+            raise ValueError(
+                "CheckpointAdjoint: checkpoints must be at least 2 (or None), "
+                f"got {self.checkpoints}"
+            )
 
     def loop(self, config, problem, params, y0, ts, h0=None):
         direction, tau = _direction_and_tau(ts)
@@ -171,19 +437,22 @@ class CheckpointAdjoint(AbstractAdjoint):
         def forward(params_arrays, y0, tau, direction, h0):
             params = eqx.combine(params_arrays, params_static)
             f = lambda t, y: problem.f_flat(t, y, params, direction)
-            ys, stats, record = integrate(config, f, y0, tau, h0, record_steps=True)
+            ys, stats, record = integrate(
+                config, f, y0, tau, h0, record_steps=True,
+                record_slots=self.checkpoints,
+            )  # fmt: skip
             return (ys, record), stats
 
         def backward(residual, _, params_arrays, y0, tau, direction, cotangent):
             (ys, record), (ys_bar, record_bar) = residual, cotangent
             params = eqx.combine(params_arrays, params_static)
-            # The stored states have cotangents only in second-order use.
-            starts_bar = None if record_bar is None else record_bar.y_starts
-            if starts_bar is not None and all(map(_is_symbolic_zero, starts_bar)):
-                starts_bar = None
+            # The kept states have cotangents only in second-order use.
+            kept_bar = None if record_bar is None else record_bar.y_starts
+            if kept_bar is not None and all(map(_is_symbolic_zero, kept_bar)):
+                kept_bar = None
             return self.backward(
                 config, problem, params, direction, tau, ys, record,
-                _instantiate(ys_bar), _instantiate(starts_bar),
+                _instantiate(ys_bar), _instantiate(kept_bar), self.checkpoints,
             )  # fmt: skip
 
         # Not differentiated, the solve records no steps.
@@ -200,21 +469,23 @@ class CheckpointAdjoint(AbstractAdjoint):
 
     @staticmethod
     def backward(
-        config, problem, params, direction, tau, ys, record, ys_bar, starts_bar
-    ):
-        """Cotangents (params, y0, τ) from those of the outputs and stored states."""
+        config, problem, params, direction, tau, ys, record: StepRecord, ys_bar,
+        kept_bar, checkpoints: int | None = None,
+    ):  # fmt: skip
+        """Cotangents (params, y0, τ) from those of the outputs and kept states."""
         diff, fixed = eqx.partition(params, eqx.is_inexact_array)
         theta, unravel_theta = ravel_pytree(diff)
         real = jnp.real(ys[0]).dtype
         n_out = tau.shape[0]
         times = lax.stop_gradient(record.times)
-
         solver = config.solver
+        # Interior outputs are read from their steps' interpolants.
+        dense = n_out > 2
 
         def step(y, theta, t, t_new):
             p = eqx.combine(unravel_theta(theta), fixed)
             f = lambda s, x: problem.f_flat(s, x, p, direction)
-            result = solver.step(f, t, y, f(t, y), t_new - t)
+            result = solver.step(f, t, y, f(t, y), t_new - t, dense=dense)
             return result.y1, result.dense
 
         valid = jnp.arange(times.shape[0], dtype=record.count.dtype) <= record.count
@@ -228,39 +499,25 @@ class CheckpointAdjoint(AbstractAdjoint):
         y0_direct = tuple(
             jnp.sum(jnp.where(before[:, None], bar, 0), axis=0) for bar in ys_bar
         )
-        theta_bar = jnp.zeros_like(theta)
-        if n_out > 2:  # interior outputs, interpolated inside their steps
+        outputs_bar, output_steps, fractions = None, None, None
+        if dense:
             inner = slice(1, n_out - 1)
-            k = jnp.maximum(k_out[inner], 0)
+            output_steps = k_out[inner]
+            k = jnp.maximum(output_steps, 0)
             t, t_new = times[k], times[k + 1]
-            weight = lax.stop_gradient((tau[inner] - t) / (t_new - t)).astype(real)
-
-            def interpolate(y, theta, t, t_new, weight):
-                _, dense = step(y, theta, t, t_new)
-                return tuple(map(interp.evaluate, y, dense, (weight,) * len(y)))
-
-            batched = jax.vmap(interpolate, in_axes=(0, None, 0, 0, 0))
-            _, vjp = jax.vjp(
-                lambda y, th: batched(y, th, t, t_new, weight),
-                _at(record.y_starts, k),
-                theta,
-            )
-            mask = (k_out[inner] >= 0)[:, None]
-            y_bar, theta_bar = vjp(
-                tuple(jnp.where(mask, bar[inner], 0) for bar in ys_bar)
-            )
-            if starts_bar is None:
-                starts_bar = tuple(map(jnp.zeros_like, record.y_starts))
-            starts_bar = tuple(
-                s.at[k].add(jnp.where(mask, b, 0))
-                for s, b in zip(starts_bar, y_bar, strict=True)
-            )
-        sweep = _reverse_sweep(step, state_cotangents=starts_bar is not None)
+            fractions = lax.stop_gradient((tau[inner] - t) / (t_new - t)).astype(real)
+            outputs_bar = tuple(bar[inner] for bar in ys_bar)
+        layout = _Layout(record.stride, times, record.count, output_steps, fractions)
+        slots = min(checkpoints or config.max_steps, config.max_steps)
+        longest = (
+            1 if slots == config.max_steps else thinned_stride(slots, config.max_steps)
+        )
+        sweep = _checkpoint_sweep(step, config.max_steps, longest, solver.dense_degree)
         seed = tuple(bar[-1] for bar in ys_bar)
-        a0, g = sweep(record.y_starts, theta, starts_bar, seed, times, record.count)
+        a0, g = sweep(record.y_starts, theta, kept_bar, outputs_bar, seed, layout)
         a_before = _add(a0, y0_direct)
         tau_bar = _time_cotangents(
             problem, params, direction, tau, ys, ys_bar, a_before
         )
         y0_bar = _add(a_before, tuple(bar[0] for bar in ys_bar))
-        return unravel_theta(g + theta_bar), y0_bar, tau_bar
+        return unravel_theta(g), y0_bar, tau_bar

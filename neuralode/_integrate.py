@@ -261,18 +261,35 @@ class _ForwardState(NamedTuple):
     # Only when recording the accepted steps (for CheckpointAdjoint):
     step_starts: State | None
     step_times: Array | None
+    stride: Array | None
     # The output times of the slots in this state's buffers: tau_out[base:][:K].
     window: Array
     base: Array
 
 
 class StepRecord(NamedTuple):
-    """The accepted steps of a solve: state `y_starts[·][k]` at `times[k]`,
-    ending at `times[k + 1]`; `count` steps are valid."""
+    """The accepted steps of a solve: step k runs from `times[k]` to
+    `times[k + 1]`; `count` steps are valid.
+
+    `y_starts[·][j]` is the start state of step j·`stride`, for j·stride <
+    count. With B slots the stride starts at 1 and doubles whenever the solve
+    reaches step B·stride, keeping every other state (see `thinned_stride`);
+    a thinning record has one more slot, where the steps not kept are written.
+    """
 
     y_starts: tuple[Array, ...]
+    stride: Array
     times: Array
     count: Array
+
+
+def thinned_stride(slots: int, max_steps: int) -> int:
+    """The largest stride a record of `slots` (>= 2) slots reaches in
+    `max_steps` steps: it doubles from S to 2S at step `slots·S`."""
+    stride = 1
+    while slots * stride <= max_steps - 1:
+        stride *= 2
+    return stride
 
 
 def first_step(
@@ -393,6 +410,7 @@ def integrate(
     tau_out: Float[Array, " n_out"],
     h0: Array | None = None,
     record_steps: bool = False,
+    record_slots: int | None = None,
     diagnose_stiffness: bool = True,
     record_output_steps: bool = False,
     dense_output: bool | None = None,
@@ -411,8 +429,9 @@ def integrate(
       in `stats.stiffness` (for the message; see `_stiffness`); otherwise NaN.
     - `record_output_steps`: fill `stats.output_steps[i]` with the number of
       accepted steps taken up to output i.
-    - `record_steps`: also return a `StepRecord` of the accepted steps, in
-      buffers of length `max_steps` (memory linear in the step count).
+    - `record_steps`: also return a `StepRecord` of the accepted steps: every
+      step's times, and the start states of every stride-th step in
+      `record_slots` slots (default `max_steps`: every step, stride 1).
     - `dense_output`: compute each step's interpolant (default: only when an
       output lies strictly inside the span, i.e. len(tau_out) > 2).
 
@@ -485,16 +504,21 @@ def integrate(
         accept = attempt.accept
         t = jnp.where(accept, attempt.t_new, state.t)
         num_steps = state.num_steps + 1
-        step_starts, step_times = state.step_starts, state.step_times
         if record_steps:
-            # Written unconditionally: after a rejection slot k is rewritten by the
-            # next attempt, since k only advances on acceptance.
+            # Written unconditionally: after a rejection the next attempt
+            # rewrites them, since k only advances on acceptance.
             k = state.num_accepted
-            step_starts = tuple(
-                lax.dynamic_update_index_in_dim(buffer, y, k, 0)
-                for buffer, y in zip(step_starts, state.y, strict=True)
+            slot = k
+            if thinning:  # steps off the stride go to the spare last slot
+                kept = lax.rem(k, state.stride) == 0
+                slot = jnp.where(kept, lax.div(k, state.stride), n_record)
+            state = state._replace(
+                step_starts=tuple(
+                    lax.dynamic_update_index_in_dim(buffer, y, slot, 0)
+                    for buffer, y in zip(state.step_starts, state.y, strict=True)
+                ),
+                step_times=state.step_times.at[k + 1].set(attempt.t_new),
             )
-            step_times = step_times.at[k + 1].set(attempt.t_new)
         return state._replace(
             t=t,
             y=_where(accept, attempt.y1, state.y),
@@ -510,8 +534,6 @@ def integrate(
             num_accepted=state.num_accepted + accept.astype(jnp.int32),
             result=failure_code(config, attempt, t, t_end, num_steps),
             stiffness=attempt.stiffness if track_stiffness else state.stiffness,
-            step_starts=step_starts,
-            step_times=step_times,
         )
 
     def slot_buffers(size: int):
@@ -525,6 +547,8 @@ def integrate(
 
     zero = jnp.zeros((), jnp.int32)
     slots, slot_times, out_steps = slot_buffers(width)
+    n_record = min(record_slots or config.max_steps, config.max_steps)
+    thinning = record_steps and n_record < config.max_steps
     init = _ForwardState(
         t=t0,
         y=y0,
@@ -541,10 +565,11 @@ def integrate(
         result=zero,
         stiffness=jnp.zeros((), real),
         step_starts=(
-            tuple(jnp.zeros((config.max_steps,) + y.shape, y.dtype) for y in y0)
+            tuple(jnp.zeros((n_record + thinning,) + y.shape, y.dtype) for y in y0)
             if record_steps
             else None
         ),
+        stride=zero + 1 if record_steps else None,
         step_times=(
             jnp.zeros(config.max_steps + 1, t0.dtype).at[0].set(t0)
             if record_steps
@@ -553,7 +578,10 @@ def integrate(
         window=tau_out,
         base=zero,
     )
-    if chunk is None:
+    if thinning:
+        final = _thinning_loop(running, body, init, n_record)
+        buffers = (final.slots, final.slot_times, final.out_steps)
+    elif chunk is None:
         final = _packed_while_loop(running, body, init)
         buffers = (final.slots, final.slot_times, final.out_steps)
     else:
@@ -572,7 +600,9 @@ def integrate(
         output_steps=output_steps,
     )
     if record_steps:
-        record = StepRecord(final.step_starts, final.step_times, final.num_accepted)
+        record = StepRecord(
+            final.step_starts, final.stride, final.step_times, final.num_accepted
+        )
         return ys, stats, record
     return ys, stats
 
@@ -619,6 +649,25 @@ def _packed_while_loop(cond, body, init: _ForwardState) -> _ForwardState:
         pack(init),
     )
     return unpack(final)
+
+
+def _thinning_loop(running, body, init: _ForwardState, slots: int):
+    """The step loop, stopping whenever step k = slots·stride is due to be
+    kept: then the record keeps every other state and the stride doubles."""
+
+    def outer_body(state: _ForwardState) -> _ForwardState:
+        room = lambda s: running(s) & (s.num_accepted < slots * s.stride)
+        state = _packed_while_loop(room, body, state)
+        full = running(state)
+        half = (slots + 1) // 2
+        starts = tuple(
+            jnp.where(full, buffer.at[:half].set(buffer[: 2 * half : 2]), buffer)
+            for buffer in state.step_starts
+        )
+        stride = jnp.where(full, 2 * state.stride, state.stride)
+        return state._replace(step_starts=starts, stride=stride)
+
+    return _packed_while_loop(running, outer_body, init)
 
 
 def _chunked_loop(running, body, init: _ForwardState, tau_out, chunk: int):

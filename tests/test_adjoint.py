@@ -138,13 +138,17 @@ def test_linear_ode_gradient_through_expm(adjoint, key):
     )
 
 
+@pytest.mark.parametrize("checkpoints", [None, 3], ids=["all-kept", "thinned"])
 @pytest.mark.parametrize(
     "solver, controller",
     [(no.RK4(), no.PIController()), (no.Dopri5(), no.ConstantStepSize())],
     ids=["RK4", "Dopri5-constant"],
 )
-def test_checkpoint_equals_autodiff_of_unrolled_steps(solver, controller, key):
-    """The exact discrete gradient: same as autodiff through a Python loop."""
+def test_checkpoint_equals_autodiff_of_unrolled_steps(
+    solver, controller, checkpoints, key
+):
+    """The exact discrete gradient: same as autodiff through a Python loop,
+    also when 3 kept states (stride 4 for the 12 steps) force recomputation."""
     field = _mlp_field(key)
     y0 = jnp.array([0.5, -1.0])
     dt, n = 0.1, 12
@@ -176,7 +180,7 @@ def test_checkpoint_equals_autodiff_of_unrolled_steps(solver, controller, key):
             solver=solver,
             dt0=dt,
             controller=controller,
-            adjoint=no.CheckpointAdjoint(),
+            adjoint=no.CheckpointAdjoint(checkpoints),
             max_steps=64,
         )
         return jnp.sum(ys**2)
@@ -429,6 +433,74 @@ def test_backsolve_memory_does_not_grow_with_the_horizon(key):
     small = _temp_bytes(5.0, no.BacksolveAdjoint(), field, params, y0)
     large = _temp_bytes(100.0, no.BacksolveAdjoint(), field, params, y0)
     assert large <= 1.5 * small, (small, large)
-    # The checkpointed adjoint's buffers grow with max_steps instead.
-    check = _temp_bytes(5.0, no.CheckpointAdjoint(), field, params, y0)
+    # Keeping every step, the checkpointed adjoint's buffers grow with
+    # max_steps instead.
+    check = _temp_bytes(5.0, no.CheckpointAdjoint(None), field, params, y0)
     assert check > 10 * small
+
+
+def _thinned_record(slots: int):
+    """The step record of a 40-odd-step solve of the forced problem."""
+    config = no._integrate.SolverConfig(
+        no.Dopri5(), no.PIController(), 1e-9, 1e-11, None, 256, None
+    )
+    f = lambda t, y: (forced(t, y[0], ARGS),)
+    _, stats, record = no._integrate.integrate(
+        config, f, (Y0,), jnp.array([0.0, 6.0]), record_steps=True, record_slots=slots
+    )
+    return stats, record
+
+
+@pytest.mark.parametrize("slots", [2, 3, 8])
+def test_record_keeps_every_strideth_step(slots):
+    _, full = _thinned_record(None)
+    stats, record = _thinned_record(slots)
+    count, stride = int(record.count), int(record.stride)
+    assert count == int(full.count) == int(stats.num_accepted) and count > 8 * slots
+    assert np.array_equal(record.times, full.times)
+    # The stride doubles at step slots·S: the smallest power of 2 with room.
+    assert stride == next(s for s in 2 ** np.arange(12) if -(-count // s) <= slots)
+    assert stride <= no._integrate.thinned_stride(slots, 256) <= 2 * 256 // slots
+    # Slot j holds step j·stride, one spare slot more.
+    assert record.y_starts[0].shape[0] == slots + 1
+    for j, k in enumerate(range(0, count, stride)):
+        assert np.array_equal(record.y_starts[0][j], full.y_starts[0][k])
+
+
+@pytest.mark.parametrize("checkpoints", [2])
+def test_thinned_checkpoint_gradients_equal_keeping_every_step(checkpoints):
+    """Recomputing dropped states changes nothing but memory: first and second
+    derivatives (w.r.t. y0, args and ts, with interior outputs) agree with
+    keeping every step, also under vmap."""
+    ts = jnp.linspace(0.0, 6.0, 7)
+    loss = lambda y0, args, adjoint: _loss(y0, args, ts, adjoint)
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)
+    want = grad(Y0, ARGS, no.CheckpointAdjoint(None))
+    got = grad(Y0, ARGS, no.CheckpointAdjoint(checkpoints))
+    assert tree_allclose(got, want, rtol=1e-11, atol=1e-13)
+
+    def curvature(k, adjoint):
+        g = jax.grad(loss, argnums=1)(Y0, {"k": k, "w": ARGS["w"]}, adjoint)
+        return g["k"]
+
+    second = jax.jit(jax.vmap(jax.grad(curvature), (0, None)), static_argnums=1)
+    ks = jnp.array([0.4, 0.7])
+    want = second(ks, no.CheckpointAdjoint(None))
+    got = second(ks, no.CheckpointAdjoint(checkpoints))
+    assert np.allclose(got, want, rtol=1e-9, atol=1e-12), (got, want)
+
+
+def test_checkpoint_memory_is_bounded_by_its_slots(key):
+    field, params = contracting_field(key, width=32)
+    y0 = jax.random.normal(jax.random.key(3), (16, 2))
+    every = _temp_bytes(5.0, no.CheckpointAdjoint(None), field, params, y0)
+    bounded = _temp_bytes(5.0, no.CheckpointAdjoint(), field, params, y0)
+    state = y0.size * y0.dtype.itemsize
+    # max_steps = 20000 states against 256 kept and 128 recomputed ones.
+    assert no._integrate.thinned_stride(256, 20_000) == 128
+    assert every > 20_000 * state > 8 * bounded, (every, bounded)
+
+
+def test_checkpoints_below_two_are_refused():
+    with pytest.raises(ValueError, match="checkpoints must be at least 2"):
+        no.CheckpointAdjoint(1)
