@@ -262,59 +262,53 @@ def _segment_sweep(step: StepFn, longest: int, degree: int) -> Callable:
         length = lambda j: jnp.minimum(stride, count - j * stride)
 
         def body(carry):
-            j, i, reverse, local, a, g = carry
+            control, local, a, g = carry
+            j, i, reverse = control[0], control[1], control[2] == 1
             k = j * stride + i
             t, t_new = layout.times[k], layout.times[k + 1]
-            (y1, _), vjp = jax.vjp(
-                lambda y, th: step(y, th, t, t_new), _at(local, i), theta
-            )
-
-            def back():
-                coefficients = None
-                if outputs_bar is not None:
-                    coefficients, direct = injected(k, outputs_bar, layout)
-                a_y, a_theta = vjp((a, coefficients))
-                if outputs_bar is not None:
-                    a_y = _add(a_y, direct)
-                if kept_bar is not None:
-                    kept_here = _at(kept_bar, j)
-                    a_y = _where(k % stride == 0, _add(a_y, kept_here), a_y)
-                return a_y, a_theta
-
-            a_new, g_step = back()
+            # Step j·S starts from the kept state, later ones from local[i].
+            y = _at(kept, j)
             if may_recompute:
-                # Recomputing, keep y_{k+1} and leave a and g alone (the VJP is
-                # computed anyway: a branch around it would keep XLA from
-                # fusing its two halves, slowing every step more than the
-                # recomputed ones cost). Reversing, rewrite what is there.
-                slot = jnp.minimum(i + 1, longest - 1)
-                local = _put(local, slot, _where(reverse, _at(local, slot), y1))
-                a_new = _where(reverse, a_new, a)
+                y = _where(i == 0, y, _at(local, i))
+            (y1, _), vjp = jax.vjp(lambda y, th: step(y, th, t, t_new), y, theta)
+            coefficients = None
+            if outputs_bar is not None:
+                coefficients, direct = injected(k, outputs_bar, layout)
+            a_y, g_step = vjp((a, coefficients))
+            if outputs_bar is not None:
+                a_y = _add(a_y, direct)
+            if kept_bar is not None:
+                kept_here = _add(a_y, _at(kept_bar, j))
+                a_y = _where(i == 0, kept_here, a_y)
+            if may_recompute:
+                # Recomputing, keep y_{k+1} in local[i + 1] and leave a and g
+                # alone: the VJP is computed anyway (a branch around it would
+                # keep XLA from fusing its two halves, slowing every step more
+                # than the recomputed ones cost). Slot 0 takes the rest.
+                local = _put(local, jnp.where(reverse, 0, i + 1), y1)
+                a_y = _where(reverse, a_y, a)
                 g_step = jnp.where(reverse, g_step, 0)
-            a = a_new
-            # After step j·S, the next segment down starts from its kept state.
+            # Reversing: down a step, or after step j·S to the top of the
+            # segment below, recomputing it first if it has more than a step.
             bottom = reverse & (i == 0)
-            below = jnp.maximum(j - 1, 0)
-            start = _where(bottom, _at(kept, below), _at(local, 0))
-            local = _put(local, 0, start)
-            i_next = jnp.where(reverse, jnp.where(bottom, 0, i - 1), i + 1)
-            reverse_next = jnp.where(
-                reverse, ~bottom | (length(below) <= 1), i + 2 >= length(j)
+            recompute_next = jnp.where(
+                reverse, bottom & (stride > 1), i + 2 < length(j)
             )
-            j_next = jnp.where(bottom, j - 1, j)
-            return j_next, i_next, reverse_next, local, a, g + g_step
+            i_next = jnp.where(reverse, jnp.where(bottom, 0, i - 1), i + 1)
+            control = jnp.stack(
+                [j - bottom.astype(j.dtype), i_next, (~recompute_next).astype(j.dtype)]
+            )
+            return control, local, a_y, g + g_step
 
         segments = (count + stride - 1) // stride
         last = jnp.maximum(segments - 1, 0)
         local = tuple(
             jnp.zeros((longest,) + leaf.shape[1:], leaf.dtype) for leaf in kept
         )
-        local = _put(local, 0, _at(kept, last))
-        init = (
-            segments - 1, jnp.zeros_like(count), length(last) <= 1, local, seed,
-            jnp.zeros_like(theta),
-        )  # fmt: skip
-        _, _, _, _, a0, g = lax.while_loop(lambda c: c[0] >= 0, body, init)
+        reverse = (length(last) <= 1).astype(count.dtype)
+        control = jnp.stack([segments - 1, jnp.zeros_like(count), reverse])
+        init = (control, local, seed, jnp.zeros_like(theta))
+        _, _, a0, g = lax.while_loop(lambda c: c[0][0] >= 0, body, init)
         return a0, g
 
     return sweep
