@@ -347,6 +347,12 @@ class BacksolveAdjoint(AbstractAdjoint):
             value = getattr(self, name)
             if value is not None and not value >= 0:
                 raise ValueError(f"BacksolveAdjoint: {name} must be >= 0, got {value}")
+        for name in ("checkpoints", "checkpoint_min_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | np.integer):
+                raise TypeError(
+                    f"BacksolveAdjoint: {name} must be an int, got {value!r}"
+                )
         if self.checkpoints < 0:
             raise ValueError(
                 f"BacksolveAdjoint: checkpoints must be >= 0, got {self.checkpoints}"

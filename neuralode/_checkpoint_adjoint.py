@@ -418,7 +418,14 @@ class CheckpointAdjoint(AbstractAdjoint):
     checkpoints: int | None = eqx.field(default=256, static=True)
 
     def __check_init__(self):
-        if self.checkpoints is not None and self.checkpoints < 2:
+        value = self.checkpoints
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int | np.integer)
+        ):
+            raise TypeError(
+                f"CheckpointAdjoint: checkpoints must be an int or None, got {value!r}"
+            )
+        if value is not None and value < 2:
             raise ValueError(
                 "CheckpointAdjoint: checkpoints must be at least 2 (or None), "
                 f"got {self.checkpoints}"

@@ -501,6 +501,10 @@ def test_checkpoint_memory_is_bounded_by_its_slots(key):
     assert every > 20_000 * state > 8 * bounded, (every, bounded)
 
 
-def test_checkpoints_below_two_are_refused():
+def test_bad_checkpoints_are_refused():
     with pytest.raises(ValueError, match="checkpoints must be at least 2"):
         no.CheckpointAdjoint(1)
+    with pytest.raises(TypeError, match="checkpoints must be an int or None"):
+        no.CheckpointAdjoint(64.0)
+    with pytest.raises(TypeError, match="checkpoints must be an int"):
+        no.BacksolveAdjoint(checkpoints=2.5)
