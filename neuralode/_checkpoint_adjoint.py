@@ -44,9 +44,10 @@ from ._adjoint import (
     _is_symbolic_zero,
     _primal_solve,
     _time_cotangents,
+    _zero_cotangent,
 )
 from ._controller import State
-from ._integrate import StepRecord, integrate, thinned_stride
+from ._integrate import StepRecord, _where, integrate, kept_slots, thinned_stride
 
 StepFn = Callable[[State, jax.Array, jax.Array, jax.Array], tuple[State, State]]
 
@@ -64,10 +65,6 @@ def _put(buffers: State, k, values: State) -> State:
         lax.dynamic_update_index_in_dim(b, v, k, 0)
         for b, v in zip(buffers, values, strict=True)
     )
-
-
-def _float0_like(x):
-    return np.zeros(jnp.shape(x), dtype=jax.dtypes.float0)
 
 
 def _reverse_sweep(step: StepFn, state_cotangents: bool) -> Callable:
@@ -140,27 +137,11 @@ def _reverse_sweep(step: StepFn, state_cotangents: bool) -> Callable:
             ys_bar_cot,
             b,
             jnp.zeros_like(times),
-            _float0_like(count),
+            _zero_cotangent(count),
         )
 
     sweep.defvjp(fwd, bwd)
     return sweep
-
-
-def _where(pred, a: State, b: State) -> State:
-    return tuple(jnp.where(pred, x, y) for x, y in zip(a, b, strict=True))
-
-
-def _zeros_for(tree):
-    """Cotangents of non-differentiated inputs: zeros, float0 for integers."""
-    return jax.tree.map(
-        lambda x: (
-            jnp.zeros_like(x)
-            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)
-            else _float0_like(x)
-        ),
-        tree,
-    )
 
 
 class _Layout(NamedTuple):
@@ -208,23 +189,23 @@ def _densify(step: StepFn, max_steps: int) -> Callable:
         def body(carry):
             k, a, kept_bar, theta_bar = carry
             # a is the cotangent of y_{k+1}: step k made it unless it is kept.
-            made = ((k + 1) % layout.stride != 0) & (k + 1 < layout.count)
+            made = (lax.rem(k + 1, layout.stride) != 0) & (k + 1 < layout.count)
             a = tuple(jnp.where(made, x, 0) for x in a)
             _, vjp = jax.vjp(
                 lambda y, th: end_state(y, th, k, layout), _at(full, k), theta
             )
             a_y, a_theta = vjp(a)
             a = _add(a_y, _at(full_bar, k))
-            kept_here = k % layout.stride == 0
+            kept_here = lax.rem(k, layout.stride) == 0
             kept_bar = _where(
-                kept_here, _put(kept_bar, k // layout.stride, a), kept_bar
+                kept_here, _put(kept_bar, lax.div(k, layout.stride), a), kept_bar
             )
             return k - 1, a, kept_bar, theta_bar + a_theta
 
         zeros = tuple(map(jnp.zeros_like, kept))
         init = (layout.count - 1, _at(zeros, 0), zeros, jnp.zeros_like(theta))
         _, _, kept_bar, theta_bar = lax.while_loop(lambda c: c[0] >= 0, body, init)
-        return kept_bar, theta_bar, _zeros_for(layout)
+        return kept_bar, theta_bar, jax.tree.map(_zero_cotangent, layout)
 
     densify.defvjp(fwd, bwd)
     return densify
@@ -244,13 +225,11 @@ def _segment_sweep(step: StepFn, longest: int, degree: int) -> Callable:
     """
     may_recompute = longest > 1
 
-    def injected(k, outputs_bar, layout):
-        """Cotangents of (C_p) and of y_k directly from the outputs in step k."""
-        mask = (layout.output_steps == k).astype(layout.fractions.dtype)
-        exponents = jnp.arange(1, degree + 1, dtype=layout.fractions.dtype)
-        powers = layout.fractions[:, None] ** exponents
-        weights = (mask[:, None] * powers).astype(outputs_bar[0].dtype)
-        mask = mask.astype(outputs_bar[0].dtype)
+    def injected(k, outputs_bar, powers, layout):
+        """Cotangents of (C_p) and of y_k directly from the outputs in step k,
+        `powers[i, p]` = θ_i^(p+1)."""
+        mask = (layout.output_steps == k).astype(powers.dtype)
+        weights = mask[:, None] * powers
         coefficients = tuple(
             jnp.tensordot(weights, bar, ((0,), (0,))) for bar in outputs_bar
         )
@@ -260,6 +239,11 @@ def _segment_sweep(step: StepFn, longest: int, degree: int) -> Callable:
     def sweep(kept, theta, kept_bar, outputs_bar, seed, layout):
         stride, count = layout.stride, layout.count
         length = lambda j: jnp.minimum(stride, count - j * stride)
+        powers = None
+        if outputs_bar is not None:  # loop-invariant, computed once
+            exponents = jnp.arange(1, degree + 1, dtype=layout.fractions.dtype)
+            powers = layout.fractions[:, None] ** exponents
+            powers = powers.astype(outputs_bar[0].dtype)
 
         def body(carry):
             control, local, a, g = carry
@@ -273,7 +257,7 @@ def _segment_sweep(step: StepFn, longest: int, degree: int) -> Callable:
             (y1, _), vjp = jax.vjp(lambda y, th: step(y, th, t, t_new), y, theta)
             coefficients = None
             if outputs_bar is not None:
-                coefficients, direct = injected(k, outputs_bar, layout)
+                coefficients, direct = injected(k, outputs_bar, powers, layout)
             a_y, g_step = vjp((a, coefficients))
             if outputs_bar is not None:
                 a_y = _add(a_y, direct)
@@ -374,7 +358,7 @@ def _checkpoint_sweep(step: StepFn, max_steps: int, longest: int, degree: int):
 
     def bwd(residuals, cotangents):
         vjp, layout = residuals
-        return (*vjp(cotangents), _zeros_for(layout))
+        return (*vjp(cotangents), jax.tree.map(_zero_cotangent, layout))
 
     sweep.defvjp(fwd, bwd)
     return sweep
@@ -509,10 +493,8 @@ class CheckpointAdjoint(AbstractAdjoint):
             fractions = lax.stop_gradient((tau[inner] - t) / (t_new - t)).astype(real)
             outputs_bar = tuple(bar[inner] for bar in ys_bar)
         layout = _Layout(record.stride, times, record.count, output_steps, fractions)
-        slots = min(checkpoints or config.max_steps, config.max_steps)
-        longest = (
-            1 if slots == config.max_steps else thinned_stride(slots, config.max_steps)
-        )
+        slots = kept_slots(checkpoints, config.max_steps)
+        longest = thinned_stride(slots, config.max_steps)
         sweep = _checkpoint_sweep(step, config.max_steps, longest, solver.dense_degree)
         seed = tuple(bar[-1] for bar in ys_bar)
         a0, g = sweep(record.y_starts, theta, kept_bar, outputs_bar, seed, layout)

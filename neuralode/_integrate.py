@@ -283,9 +283,16 @@ class StepRecord(NamedTuple):
     count: Array
 
 
+def kept_slots(requested: int | None, max_steps: int) -> int:
+    """How many start states a `StepRecord` keeps: `requested`, at most (and
+    by default) `max_steps`, where it keeps every step."""
+    return min(requested or max_steps, max_steps)
+
+
 def thinned_stride(slots: int, max_steps: int) -> int:
     """The largest stride a record of `slots` (>= 2) slots reaches in
-    `max_steps` steps: it doubles from S to 2S at step `slots·S`."""
+    `max_steps` steps: it doubles from S to 2S at step `slots·S` (1 when the
+    slots hold every step)."""
     stride = 1
     while slots * stride <= max_steps - 1:
         stride *= 2
@@ -547,7 +554,7 @@ def integrate(
 
     zero = jnp.zeros((), jnp.int32)
     slots, slot_times, out_steps = slot_buffers(width)
-    n_record = min(record_slots or config.max_steps, config.max_steps)
+    n_record = kept_slots(record_slots, config.max_steps)
     thinning = record_steps and n_record < config.max_steps
     init = _ForwardState(
         t=t0,
