@@ -8,6 +8,7 @@ from typing import Any, final
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, ArrayLike, Float, PyTree
 
 from ._adjoint import AbstractAdjoint, BacksolveAdjoint
@@ -24,6 +25,38 @@ def _float_dtype(tree):
     if not jnp.issubdtype(dtype, jnp.floating):
         raise ValueError(f"The initial state must be floating point; got {dtype}.")
     return dtype
+
+
+def check_int(name: str, value: Any, least: int) -> int:
+    """`value` as a Python int, checked to be at least `least`.
+
+    Python and NumPy integers are accepted, as `neuralode.solve` accepts them for
+    `max_steps`; bools, floats and arrays are refused with a `TypeError`.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise TypeError(f"`{name}` must be an int; got {value!r}.")
+    if value < least:
+        raise ValueError(f"`{name}` must be an int >= {least}; got {value!r}.")
+    return int(value)
+
+
+def concrete_time(name: str, value: Any) -> float | None:
+    """`value` as a float when it is a concrete real scalar, None when traced.
+
+    Python, NumPy and concrete JAX scalars are all accepted, so that checks
+    such as `t0 < t1` do not silently skip NumPy numbers.
+    """
+    if isinstance(value, jax.core.Tracer):
+        return None
+    dtype = np.asarray(value).dtype
+    if np.ndim(value) != 0 or not (
+        np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)
+    ):
+        raise TypeError(f"`{name}` must be a real scalar; got {value!r}.")
+    value = float(value)
+    if not np.isfinite(value):
+        raise ValueError(f"`{name}` must be finite; got {value}.")
+    return value
 
 
 def solver_options(layer: Any) -> dict[str, Any]:
@@ -96,14 +129,11 @@ class NeuralODE(eqx.Module):
     ):
         if not callable(field):
             raise TypeError(f"`field` must be callable; got {type(field).__name__}.")
-        if isinstance(augment, bool) or not isinstance(augment, int) or augment < 0:
-            raise ValueError(f"`augment` must be an int >= 0; got {augment!r}.")
-        if isinstance(max_steps, bool) or not isinstance(max_steps, int):
-            raise ValueError(f"`max_steps` must be a positive int; got {max_steps!r}.")
-        if max_steps < 1:
-            raise ValueError(f"`max_steps` must be a positive int; got {max_steps!r}.")
-        if isinstance(t0, int | float) and isinstance(t1, int | float) and t0 == t1:
-            raise ValueError(f"`t0` and `t1` must differ; both are {t0}.")
+        augment = check_int("augment", augment, 0)
+        max_steps = check_int("max_steps", max_steps, 1)
+        start, end = concrete_time("t0", t0), concrete_time("t1", t1)
+        if start is not None and start == end:
+            raise ValueError(f"`t0` and `t1` must differ; both are {start}.")
         self.field = field
         self.t0 = t0
         self.t1 = t1

@@ -27,6 +27,26 @@ class Linear(eqx.Module):
         return z @ self.a.T
 
 
+class PointField(eqx.Module):
+    """A field written for one point: wraps `field` and refuses batches."""
+
+    field: eqx.Module
+
+    def __call__(self, t, z, args):
+        assert z.shape == (2,), z.shape
+        return self.field(t, z, args)
+
+
+def point_linear(t, z, args):
+    """f(t, z) = A z written for one point z of shape (2,)."""
+    return jnp.asarray(A) @ z
+
+
+def rows_only_linear(t, z, args):
+    """f(t, z) = A z for every row of z; refuses a single point."""
+    return jnp.einsum("ij,nj->ni", jnp.asarray(A), z)
+
+
 def normal_log_prob(z):
     return -0.5 * np.sum(z**2, -1) - np.log(2 * np.pi) * z.shape[-1] / 2
 
@@ -72,6 +92,97 @@ def test_linear_field_hutchinson_converges(key):
     assert np.all(err < 5 * logp.std(0) / np.sqrt(reps))
     with pytest.raises(ValueError, match="key"):
         cnf.log_prob(x)
+
+
+@pytest.mark.parametrize("batch", [2, 3])  # 2 == dim
+def test_single_point_field_exact(key, batch):
+    t0, t1 = 0.5, 2.0
+    cnf = no.CNF(point_linear, t0=t0, t1=t1, dim=2, **TIGHT)
+    assert not cnf.batched
+    x = np.random.default_rng(4).standard_normal((batch, 2))
+    logp, regs = eqx.filter_jit(lambda c, x: c.log_prob(x, regularize=True))(cnf, x)
+    np.testing.assert_allclose(logp, linear_log_prob(x, t0, t1), rtol=1e-8)
+    np.testing.assert_allclose(regs["jacobian"], (t1 - t0) * np.sum(A**2), rtol=1e-8)
+    # sampling pushes z0 ~ N(0, I) through z(t1) = e^{A(t1 - t0)} z0
+    z0 = jr.normal(key, (batch, 2), jnp.float64)
+    expected = np.asarray(z0) @ scipy.linalg.expm(A * (t1 - t0)).T
+    np.testing.assert_allclose(cnf.sample(key, batch), expected, rtol=1e-8)
+
+
+@pytest.mark.parametrize("batch", [2, 3])  # 2 == dim
+def test_single_point_field_hutchinson(key, batch):
+    """The same probe gives the same estimate as the row-wise form of the field."""
+    kw = dict(dim=2, trace="hutchinson", **TIGHT)
+    point = no.CNF(point_linear, **kw)
+    rows = no.CNF(rows_only_linear, batched=True, **kw)
+    x = np.random.default_rng(5).standard_normal((batch, 2))
+    logp, regs = point.log_prob(x, key=key, regularize=True)
+    logp_rows, regs_rows = rows.log_prob(x, key=key, regularize=True)
+    np.testing.assert_allclose(logp, logp_rows, rtol=1e-10)
+    np.testing.assert_allclose(regs["jacobian"], regs_rows["jacobian"], rtol=1e-10)
+    # a row-wise probe of one point differs from the exact trace: not exact
+    assert not np.allclose(logp, linear_log_prob(x, 0.0, 1.0), rtol=1e-6)
+
+
+@pytest.mark.parametrize("trace", ["exact", "hutchinson"])
+def test_mlp_field_same_as_single_point(key, trace):
+    """MLPField on the batch and wrapped for one point: same values and gradients."""
+    mlp = no.nn.MLPField(2, 16, 2, key=jr.fold_in(key, 3))
+    kw = dict(trace=trace, rtol=1e-8, atol=1e-10)
+    rows, point = no.CNF(mlp, **kw), no.CNF(PointField(mlp), dim=2, **kw)
+    assert rows.batched and not point.batched
+    x = np.random.default_rng(6).standard_normal((2, 2))
+
+    def loss(cnf, x, key):
+        logp, regs = cnf.log_prob(x, key=key, regularize=True)
+        return -jnp.mean(logp) + jnp.mean(regs["kinetic"] + regs["jacobian"])
+
+    @eqx.filter_jit
+    def run(cnf, key):
+        values = (
+            cnf.log_prob(x, key=key),
+            jax.vmap(lambda x, k: cnf.log_prob(x, key=k))(x, jr.split(key, 2)),
+            cnf.sample_and_log_prob(key, 3),
+        )
+        return values, eqx.filter_grad(loss)(cnf, x, key)
+
+    values, grads = run(rows, key)
+    point_values, point_grads = run(point, key)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12),
+        (values, grads.field),
+        (point_values, point_grads.field.field),
+    )
+    assert max(np.max(np.abs(g)) for g in jax.tree.leaves(grads.field)) > 0
+    # a lambda closing over the field is treated as written for one point too
+    lam = no.CNF(lambda t, z, args: mlp(t, z, args), dim=2, **kw)
+    np.testing.assert_allclose(lam.log_prob(x, key=key), values[0], rtol=1e-9)
+
+
+def test_batched_declared_wrongly(key):
+    x = np.ones((3, 2))
+    with pytest.raises(
+        ValueError, match=r"fails on one point .* pass `CNF\(\.\.\., batched=True\)`"
+    ):
+        no.CNF(rows_only_linear, dim=2).log_prob(x)
+    with pytest.raises(
+        ValueError, match=r"fails on the batch .* `CNF\(\.\.\., batched=False\)`"
+    ):
+        no.CNF(point_linear, batched=True).log_prob(x)
+    with pytest.raises(
+        ValueError, match=r"must return dz/dt of the shape of z, \(2,\)"
+    ):
+        no.CNF(lambda t, z, args: jnp.sum(z), dim=2).log_prob(x)
+    with pytest.raises(TypeError, match="`batched` must be True, False or None"):
+        no.CNF(point_linear, batched="yes")
+    # with the dimension unknown, a wrong trailing axis fails in the field
+    with pytest.raises(TypeError, match=r"calling field\(t, z, args\) on one point"):
+        no.CNF(point_linear).log_prob(np.ones((4, 3)))
+    np.testing.assert_allclose(
+        no.CNF(rows_only_linear, batched=True, **TIGHT).log_prob(x),
+        linear_log_prob(x, 0.0, 1.0),
+        rtol=1e-8,
+    )
 
 
 @pytest.fixture
@@ -188,3 +299,56 @@ def test_bad_input(key, mlp_cnf):
         no.CNF(lambda t, z, a: z).sample(key, 3)
     with pytest.raises(ValueError, match="data_size"):
         no.CNF(mlp_cnf.field, dim=3)
+    with pytest.raises(TypeError, match="`x` must be real"):
+        mlp_cnf.log_prob(np.ones((4, 2)) * 1j)
+
+
+@pytest.mark.parametrize(
+    "num, error, message",
+    [
+        (0, ValueError, "`num` must be an int >= 1; got 0"),
+        (-2, ValueError, "`num` must be an int >= 1; got -2"),
+        (2.5, TypeError, "`num` must be an int; got 2.5"),
+        (True, TypeError, "`num` must be an int; got True"),
+    ],
+)
+def test_bad_num(key, mlp_cnf, num, error, message):
+    with pytest.raises(error, match=message):
+        mlp_cnf.sample(key, num)
+    with pytest.raises(error, match=message):
+        mlp_cnf.sample_and_log_prob(key, num)
+
+
+def test_bad_key_and_dtype(key, mlp_cnf):
+    hutch = no.CNF(mlp_cnf.field, trace="hutchinson")
+    x = np.ones((3, 2))
+    with pytest.raises(ValueError, match="needs a PRNG `key`"):
+        hutch.log_prob(x)
+    with pytest.raises(TypeError, match=r"`key` must be a PRNG key .* got 0"):
+        hutch.log_prob(x, key=0)
+    with pytest.raises(TypeError, match=r"`key` must be a PRNG key .* got 0"):
+        mlp_cnf.sample(0, 3)
+    with pytest.raises(ValueError, match=r"single PRNG key; .* shape \(2,\)"):
+        hutch.log_prob(x, key=jr.split(key, 2))
+    with pytest.raises(TypeError, match="`dtype` must be a real floating dtype"):
+        mlp_cnf.sample(key, 3, dtype=jnp.int32)
+    # raw uint32 keys still work
+    assert hutch.log_prob(x, key=jr.PRNGKey(0)).shape == (3,)
+    assert mlp_cnf.sample(jr.PRNGKey(0), np.int64(3)).shape == (3, 2)
+
+
+def test_config_accepts_numpy_scalars(key, mlp_cnf):
+    field = mlp_cnf.field
+    cnf = no.CNF(point_linear, max_steps=np.int64(100), dim=np.int64(2))
+    assert (cnf.max_steps, cnf.dim) == (100, 2)
+    assert type(cnf.max_steps) is int and type(cnf.dim) is int
+    with pytest.raises(ValueError, match="Need t0 < t1; got t0=1.0, t1=0.0"):
+        no.CNF(field, t0=np.float32(1.0), t1=np.float32(0.0))
+    with pytest.raises(TypeError, match="`max_steps` must be an int; got 2.5"):
+        no.CNF(field, max_steps=2.5)
+    with pytest.raises(ValueError, match="`max_steps` must be an int >= 1; got 0"):
+        no.CNF(field, max_steps=0)
+    with pytest.raises(ValueError, match="`dim` must be an int >= 1; got 0"):
+        no.CNF(point_linear, dim=0)
+    with pytest.raises(TypeError, match="`t1` must be a real scalar"):
+        no.CNF(field, t1="1")

@@ -160,3 +160,33 @@ def test_bad_arguments(key):
         no.NeuralODE(field, t0=1.0, t1=1.0)
     with pytest.raises(TypeError, match="callable"):
         no.NeuralODE(3)
+
+
+def test_numpy_integers_accepted(key):
+    """Configuration takes NumPy integers, as `neuralode.solve` does."""
+    field = no.nn.MLPField(3, 8, 1, key=key)
+    y0 = np.random.default_rng(4).standard_normal((2, 2))
+    model = no.NeuralODE(field, max_steps=np.int64(100), augment=np.int64(1))
+    assert (model.max_steps, model.augment) == (100, 1)
+    assert type(model.max_steps) is int and type(model.augment) is int
+    expected = no.NeuralODE(field, max_steps=100, augment=1)(y0)
+    np.testing.assert_allclose(model(y0), expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(max_steps=2.5), TypeError, "`max_steps` must be an int; got 2.5"),
+        (dict(max_steps=True), TypeError, "`max_steps` must be an int; got True"),
+        (dict(max_steps=0), ValueError, "`max_steps` must be an int >= 1; got 0"),
+        (dict(augment=1.0), TypeError, "`augment` must be an int; got 1.0"),
+        (dict(augment=-1), ValueError, "`augment` must be an int >= 0; got -1"),
+        (dict(t0=np.float32(1), t1=np.float32(1)), ValueError, "must differ"),
+        (dict(t1="1"), TypeError, "`t1` must be a real scalar"),
+        (dict(t1=np.inf), ValueError, "`t1` must be finite"),
+    ],
+)
+def test_bad_config(key, kwargs, error, message):
+    field = no.nn.MLPField(2, 8, 1, key=key)
+    with pytest.raises(error, match=message):
+        no.NeuralODE(field, **kwargs)

@@ -7,23 +7,109 @@ from collections.abc import Callable
 from typing import Any, Literal, final
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
 from .._adjoint import AbstractAdjoint, BacksolveAdjoint
-from .._neural_ode import solver_options
+from .._neural_ode import check_int, concrete_time, solver_options
 from .._solve import odeint
 from .._solvers import AbstractSolver, Dopri5
+from ..nn import ConcatSquashMLP, MLPField
 from ._trace import exact_trace, hutchinson_trace
 
 _TRACES = ("exact", "hutchinson")
 _NOISES = ("rademacher", "gaussian")
+# neuralode's own fields act row-wise on states of shape (..., d).
+_ROW_WISE_FIELDS = (MLPField, ConcatSquashMLP)
 
 
 def _standard_normal_log_prob(z: Float[Array, "N d"]) -> Float[Array, " N"]:
     d = z.shape[-1]
     return -0.5 * jnp.sum(z**2, axis=-1) - 0.5 * d * math.log(2 * math.pi)
+
+
+def _default_float() -> Any:
+    return jnp.zeros(()).dtype
+
+
+class _MapOverRows(eqx.Module):
+    """A field written for one point z of shape (d,), mapped over the rows of (N, d)."""
+
+    field: Callable[..., Array]
+
+    def __call__(self, t: ArrayLike, z: Float[Array, "N d"], args: Any) -> Array:
+        return jax.vmap(self.field, in_axes=(None, 0, None))(t, z, args)
+
+
+# What a field written for other shapes raises (a bad matmul, index, einsum).
+_SHAPE_ERRORS = (TypeError, ValueError, IndexError)
+
+
+def _fails(fn: Callable[[], Any]) -> bool:
+    try:
+        fn()
+    except _SHAPE_ERRORS:
+        return True
+    return False
+
+
+def _check_field(
+    field: Callable[..., Array], batched: bool, shape: tuple[int, ...], dtype: Any
+) -> None:
+    """Evaluate `field` abstractly on the states it will see and check its output.
+
+    A row-wise field sees the whole batch `shape = (N, d)`, a single-point field
+    one row `(d,)`. When the call fails on one but works on the other, the error
+    says which `batched=` to pass.
+    """
+    t = jax.ShapeDtypeStruct((), dtype)
+    rows, point = (jax.ShapeDtypeStruct(s, dtype) for s in (shape, shape[-1:]))
+    mine, other = (rows, point) if batched else (point, rows)
+    kind = "the batch" if batched else "one point"
+
+    def call(z):
+        return jax.eval_shape(field, t, z, None)
+
+    try:
+        out = call(mine)
+    except _SHAPE_ERRORS as e:
+        if not _fails(lambda: call(other)):
+            fix = "batched=False" if batched else "batched=True"
+            raise ValueError(
+                f"CNF: field(t, z, args) fails on {kind} z of shape {mine.shape} "
+                f"but works on z of shape {other.shape}; pass `CNF(..., {fix})` "
+                "(see the CNF docstring)."
+            ) from e
+        cls = TypeError if isinstance(e, TypeError) else ValueError
+        raise cls(
+            f"CNF: calling field(t, z, args) on {kind} z of shape {mine.shape} "
+            f"failed: {e}"
+        ) from e
+    if not isinstance(out, jax.ShapeDtypeStruct) or out.shape != mine.shape:
+        got = out.shape if isinstance(out, jax.ShapeDtypeStruct) else out
+        raise ValueError(
+            f"CNF: field(t, z, args) must return dz/dt of the shape of z, "
+            f"{mine.shape}, on {kind}; got {got}."
+        )
+
+
+def _check_key(key: Any) -> None:
+    """Refuse anything but one PRNG key (new-style or raw uint32 key data)."""
+    typed = isinstance(key, jax.Array) and jnp.issubdtype(
+        key.dtype, jax.dtypes.prng_key
+    )
+    raw = eqx.is_array(key) and key.dtype == jnp.uint32
+    if not (typed or raw):
+        raise TypeError(
+            f"`key` must be a PRNG key such as jax.random.key(0); got {key!r}."
+        )
+    if key.ndim != (0 if typed else 1):
+        raise ValueError(
+            f"`key` must be a single PRNG key; got a key array of shape {key.shape} "
+            "(to use several keys, jax.vmap over them)."
+        )
 
 
 class _CNFDynamics(eqx.Module):
@@ -55,6 +141,19 @@ class _CNFDynamics(eqx.Module):
         return f, -tr
 
 
+def _data_dim(field: Callable[..., Array], dim: Any) -> int | None:
+    """`dim`, or the field's integer `data_size` when `dim` is None."""
+    field_dim = getattr(field, "data_size", None)
+    if isinstance(field_dim, bool) or not isinstance(field_dim, int):
+        field_dim = None
+    if dim is None:
+        return field_dim
+    dim = check_int("dim", dim, 1)
+    if field_dim is not None and field_dim != dim:
+        raise ValueError(f"`dim={dim}` but the field's data_size is {field_dim}.")
+    return dim
+
+
 @final
 class CNF(eqx.Module):
     r"""Continuous normalizing flow: a neural ODE transporting $\mathcal{N}(0, I)$.
@@ -73,16 +172,29 @@ class CNF(eqx.Module):
     $\varepsilon^\top \frac{\partial f}{\partial z}\varepsilon$ with a probe
     $\varepsilon$ drawn once per solve (FFJORD, Grathwohl et al. 2019).
 
-    A batch of points is integrated as one ODE (one shared step size), so the
-    field must act row-wise on states of shape (N, d); to give every point its
-    own adaptive steps, `jax.vmap` `log_prob` over single points instead (with
-    `trace="hutchinson"`, map over one key per point too).
+    The field may be written for one point, $z$ of shape (d,) (the JAX habit,
+    e.g. `lambda t, z, args: A @ z`), and is then mapped over the batch with
+    `jax.vmap`; or it may act row-wise on states of shape (N, d), row $n$ of
+    $f$ depending on row $n$ of $z$ only (`neuralode.nn.MLPField`,
+    `neuralode.nn.ConcatSquashMLP`), and is then called on the whole batch.
+    Both give the same densities. Which one a field is cannot be told from
+    shapes (`A @ z` accepts (d,) and, wrongly, (d, d)), so it is declared:
+    `batched=None` (default) treats neuralode's own fields as row-wise and any
+    other callable as written for one point; pass `batched=True` for a custom
+    row-wise field (e.g. one that only accepts (N, d)), `batched=False` to map
+    any field over the rows.
+
+    A batch of points is integrated as one ODE (one shared step size); to give
+    every point its own adaptive steps, `jax.vmap` `log_prob` over single
+    points instead (with `trace="hutchinson"`, map over one key per point too).
 
     **Arguments:**
 
-    - `field`: the vector field `field(t, z, args)` (called with `args=None`)
-      acting row-wise on states of shape (N, d), e.g.
-      `neuralode.nn.MLPField` or `neuralode.nn.ConcatSquashMLP`.
+    - `field`: the vector field `field(t, z, args)` (called with `args=None`),
+      written for one point or acting row-wise (see `batched`).
+    - `batched`: True if `field` acts row-wise on (N, d), False if it is
+      written for one point (d,), None (default) for True exactly when `field`
+      is a `neuralode.nn.MLPField` or `neuralode.nn.ConcatSquashMLP`.
     - `t0`, `t1`: the times of the base and the data distribution, `t0 < t1`.
     - `trace`: `"exact"` (default) or `"hutchinson"`.
     - `noise`: the Hutchinson probe distribution, `"rademacher"` (default) or
@@ -121,6 +233,7 @@ class CNF(eqx.Module):
     trace: str = eqx.field(static=True)
     noise: str = eqx.field(static=True)
     dim: int | None = eqx.field(static=True)
+    batched: bool = eqx.field(static=True)
 
     def __init__(
         self,
@@ -137,6 +250,7 @@ class CNF(eqx.Module):
         dt0: float | None = None,
         max_steps: int = 4096,
         dim: int | None = None,
+        batched: bool | None = None,
     ):
         if not callable(field):
             raise TypeError(f"`field` must be callable; got {type(field).__name__}.")
@@ -144,22 +258,16 @@ class CNF(eqx.Module):
             raise ValueError(f"Unknown trace {trace!r}; expected one of {_TRACES}.")
         if noise not in _NOISES:
             raise ValueError(f"Unknown noise {noise!r}; expected one of {_NOISES}.")
-        if isinstance(t0, int | float) and isinstance(t1, int | float) and t0 >= t1:
-            raise ValueError(f"Need t0 < t1; got t0={t0}, t1={t1}.")
-        if isinstance(max_steps, bool) or not isinstance(max_steps, int):
-            raise ValueError(f"`max_steps` must be a positive int; got {max_steps!r}.")
-        if max_steps < 1:
-            raise ValueError(f"`max_steps` must be a positive int; got {max_steps!r}.")
-        field_dim = getattr(field, "data_size", None)
-        if not isinstance(field_dim, int) or isinstance(field_dim, bool):
-            field_dim = None
-        if dim is None:
-            dim = field_dim
-        elif isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"`dim` must be a positive int; got {dim!r}.")
-        elif field_dim is not None and field_dim != dim:
-            raise ValueError(f"`dim={dim}` but the field's data_size is {field_dim}.")
+        start, end = concrete_time("t0", t0), concrete_time("t1", t1)
+        if start is not None and end is not None and start >= end:
+            raise ValueError(f"Need t0 < t1; got t0={start}, t1={end}.")
+        max_steps = check_int("max_steps", max_steps, 1)
+        if batched is None:
+            batched = isinstance(field, _ROW_WISE_FIELDS)
+        elif not isinstance(batched, bool):
+            raise TypeError(f"`batched` must be True, False or None; got {batched!r}.")
         self.field = field
+        self.batched = batched
         self.t0 = t0
         self.t1 = t1
         self.trace = trace
@@ -172,12 +280,43 @@ class CNF(eqx.Module):
         self.adjoint = adjoint
         self.dt0 = dt0
         self.max_steps = max_steps
-        self.dim = dim
+        self.dim = _data_dim(field, dim)
 
     # ------------------------------------------------------------------ helpers
 
+    def _row_field(self, shape: tuple[int, ...], dtype: Any) -> Callable[..., Array]:
+        """The field acting on the rows of states of `shape` (N, d), checked."""
+        _check_field(self.field, self.batched, shape, dtype)
+        return self.field if self.batched else _MapOverRows(self.field)
+
+    def _points(
+        self, x: ArrayLike, name: str
+    ) -> tuple[Float[Array, "N d"], tuple[int, ...]]:
+        """`x` as a float array of shape (N, d) and the batch shape to restore."""
+        x = jnp.asarray(x)
+        if jnp.issubdtype(x.dtype, jnp.complexfloating):
+            raise TypeError(f"`{name}` must be real; got dtype {x.dtype}.")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            x = x.astype(_default_float())
+        if x.ndim == 0 or (self.dim is not None and x.shape[-1] != self.dim):
+            d = "d" if self.dim is None else self.dim
+            raise ValueError(f"`{name}` must have shape (..., {d}); got {x.shape}.")
+        return x.reshape(-1, x.shape[-1]), x.shape[:-1]
+
+    def _base_sample(
+        self, key: PRNGKeyArray, num: int, dtype: Any
+    ) -> Float[Array, "num d"]:
+        """`num` draws of $z \\sim \\mathcal{N}(0, I)$, after checking the arguments."""
+        _check_key(key)
+        num = check_int("num", num, 1)
+        dtype = _default_float() if dtype is None else jnp.dtype(dtype)
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(f"`dtype` must be a real floating dtype; got {dtype}.")
+        return jr.normal(key, (num, self._dim_for_sampling()), dtype)
+
     def _solve(self, state, ts, probe, regularize):
-        dynamics = _CNFDynamics(self.field, self.trace, regularize)
+        field = self._row_field(state[0].shape, state[0].dtype)
+        dynamics = _CNFDynamics(field, self.trace, regularize)
         ys = odeint(
             dynamics,
             state,
@@ -194,6 +333,7 @@ class CNF(eqx.Module):
             raise ValueError(
                 "CNF(trace='hutchinson') needs a PRNG `key` to draw the probe."
             )
+        _check_key(key)
         if self.noise == "rademacher":
             return jr.rademacher(key, shape, dtype=dtype)
         return jr.normal(key, shape, dtype)
@@ -242,17 +382,7 @@ class CNF(eqx.Module):
         The log density, shape `x.shape[:-1]`; with `regularize=True` the pair
         `(log_prob, {"kinetic": ..., "jacobian": ...})`, each of that shape.
         """
-        x = jnp.asarray(x)
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            x = x.astype(jnp.zeros(()).dtype)
-        if x.ndim == 0:
-            raise ValueError("`x` must have shape (..., d); got a scalar.")
-        if self.dim is not None and x.shape[-1] != self.dim:
-            raise ValueError(
-                f"`x` must have shape (..., {self.dim}); got shape {x.shape}."
-            )
-        batch_shape, d = x.shape[:-1], x.shape[-1]
-        z = x.reshape(-1, d)
+        z, batch_shape = self._points(x, "x")
         probe = self._probe(key, z.shape, z.dtype)
         zeros = jnp.zeros(z.shape[:1], z.dtype)
         state = (z, zeros, zeros, zeros) if regularize else (z, zeros)
@@ -277,18 +407,14 @@ class CNF(eqx.Module):
         **Arguments:**
 
         - `key`: PRNG key.
-        - `num`: the number of samples.
+        - `num`: the number of samples, an int >= 1.
         - `dtype`: float dtype of the samples (default: JAX's default float).
 
         **Returns:**
 
         Samples of shape (num, d).
         """
-        d = self._dim_for_sampling()
-        if dtype is None:
-            dtype = jnp.zeros(()).dtype
-        z0 = jr.normal(key, (num, d), dtype)
-        return self.transform(z0)
+        return self.transform(self._base_sample(key, num, dtype))
 
     def transform(self, z0: Float[ArrayLike, "*batch d"]) -> Float[Array, "*batch d"]:
         """Push base points forward from $t_0$ to $t_1$ (the sampling map).
@@ -301,21 +427,15 @@ class CNF(eqx.Module):
 
         The transported points $z(t_1)$, same shape.
         """
-        z0 = jnp.asarray(z0)
-        if z0.ndim == 0 or (self.dim is not None and z0.shape[-1] != self.dim):
-            raise ValueError(
-                f"`z0` must have shape (..., {self.dim}); got {jnp.shape(z0)}."
-            )
-        batch_shape, d = z0.shape[:-1], z0.shape[-1]
-        z = z0.reshape(-1, d)
+        z, batch_shape = self._points(z0, "z0")
         ys = odeint(
-            self.field,
+            self._row_field(z.shape, z.dtype),
             z,
             self._times(z.dtype, False),
             None,
             **solver_options(self),
         )
-        return ys[-1].reshape(batch_shape + (d,))
+        return ys[-1].reshape(batch_shape + z.shape[-1:])
 
     def sample_and_log_prob(
         self,
@@ -334,18 +454,15 @@ class CNF(eqx.Module):
 
         - `key`: PRNG key. The samples equal `sample(key, num)`; the
           Hutchinson probe is drawn from `jax.random.fold_in(key, 1)`.
-        - `num`: the number of samples.
+        - `num`: the number of samples, an int >= 1.
         - `dtype`: float dtype (default: JAX's default float).
 
         **Returns:**
 
         `(samples, log_prob)` of shapes (num, d) and (num,).
         """
-        d = self._dim_for_sampling()
-        if dtype is None:
-            dtype = jnp.zeros(()).dtype
-        z0 = jr.normal(key, (num, d), dtype)
-        probe = self._probe(jr.fold_in(key, 1), z0.shape, dtype)
+        z0 = self._base_sample(key, num, dtype)
+        probe = self._probe(jr.fold_in(key, 1), z0.shape, z0.dtype)
         state = (z0, _standard_normal_log_prob(z0))
-        z1, logp = self._solve(state, self._times(dtype, False), probe, False)
+        z1, logp = self._solve(state, self._times(z0.dtype, False), probe, False)
         return z1, logp
