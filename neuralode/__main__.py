@@ -6,8 +6,11 @@
     python -m neuralode digits --resume runs/digits-20250101-120000 --steps 2000
     python -m neuralode demo                   # solve Van der Pol and print it
 
-Every experiment writes metrics.json, PNG plots, config.json and an equinox
-checkpoint into --out (default runs/<experiment>-<timestamp>/).
+Every experiment writes metrics.json, history.json, PNG plots, config.json
+and an equinox checkpoint into --out (default runs/<experiment>-<timestamp>/).
+Nothing is written until the options, the output directory and any checkpoint
+to resume from have been checked: an --out that holds another run needs
+--overwrite, and a checkpoint that does not fit is refused with a usage error.
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _build_parser() -> tuple[argparse.ArgumentParser, dict]:
-    from neuralode.experiments import EXPERIMENTS
+    """The top-level parser and each experiment's subparser (by name)."""
+    from neuralode.experiments import EXPERIMENTS, HelpFormatter
 
     parser = argparse.ArgumentParser(
         prog="neuralode",
@@ -52,7 +56,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict]:
             name,
             help=module.HELP,
             description=(module.__doc__ or "").split("\n\n")[0],
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            formatter_class=HelpFormatter,
         )
         module.add_arguments(subparsers[name])
     sub.add_parser("demo", help="solve the Van der Pol equation and print it")
@@ -84,20 +88,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         return _demo(args)
 
-    from neuralode.experiments import EXPERIMENTS, start_run
-    from neuralode.experiments._run import config_option_defaults
+    from neuralode.experiments import (
+        EXPERIMENTS,
+        UsageError,
+        option_defaults,
+        prepare_run,
+    )
 
-    if args.resume is not None:
-        # The resumed run's options become the defaults; explicit ones win.
-        try:
-            defaults = config_option_defaults(args.resume)
-        except FileNotFoundError as e:
-            parser.error(str(e))
-        subparsers[args.command].set_defaults(**defaults)
+    module, subparser = EXPERIMENTS[args.command], subparsers[args.command]
+    try:
+        # --quick's and a resumed run's settings become the defaults; options
+        # given explicitly win. Everything is checked before anything is written.
+        subparser.set_defaults(**option_defaults(module, args))
         args = parser.parse_args(argv)
-
-    ctx = start_run(args.command, args)
-    ctx.finish(EXPERIMENTS[args.command].run(ctx))
+        ctx = prepare_run(module, args)
+    except UsageError as e:
+        subparser.error(str(e))
+    ctx.start()
+    ctx.finish(module.run(ctx))
     return 0
 
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from ._output import atomic_open
+
 
 def new_figure(ncols: int = 1, *, size: float = 4.0, nrows: int = 1):
     """A figure with a grid of axes; returns `(figure, axes)` (axes as a list)."""
@@ -20,13 +22,14 @@ def new_figure(ncols: int = 1, *, size: float = 4.0, nrows: int = 1):
 
 
 def save_figure(fig: Figure, path: Path) -> Path:
-    """Save `fig` as a PNG at 110 dpi and return the path."""
-    fig.savefig(path, dpi=110)
+    """Save `fig` as a PNG at 110 dpi (atomically) and return the path."""
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
     return path
 
 
 def plot_loss(history: list[dict[str, float]], path: Path, label: str = "loss"):
-    """Plot the logged training loss against the step."""
+    """Plot the logged training loss against the step, over the whole history."""
     fig, (ax,) = new_figure(size=4.0)
     ax.plot([r["step"] for r in history], [r["loss"] for r in history], lw=1)
     ax.set_xlabel("step")

@@ -14,7 +14,7 @@ import numpy as np
 from jaxtyping import Array, PRNGKeyArray
 from tqdm.auto import tqdm
 
-from ._checkpoint import TrainState, save_checkpoint
+from ._checkpoint import History, TrainState, save_progress
 
 StepFn = Callable[[TrainState, Any, PRNGKeyArray], tuple[TrainState, dict[str, Array]]]
 BatchFn = Callable[[int], Any]
@@ -30,6 +30,7 @@ def train(
     desc: str,
     directory: Path,
     progress: bool = True,
+    history: History | None = None,
     checkpoint_every: int = 500,
     log_every: int = 10,
 ) -> tuple[TrainState, dict[str, Any]]:
@@ -37,8 +38,8 @@ def train(
 
     Step `i` gets the batch `batch_fn(i)` and the key `fold_in(key, i)`, so a
     run resumed from a checkpoint sees exactly the batches and keys of an
-    uninterrupted one. The checkpoint in `directory` is rewritten every
-    `checkpoint_every` steps and at the end.
+    uninterrupted one. The checkpoint and the history in `directory` are
+    rewritten every `checkpoint_every` steps and at the end.
 
     **Arguments:**
 
@@ -49,17 +50,20 @@ def train(
     - `num_steps`: the total number of steps (not the number still to run).
     - `key`: the base PRNG key of the run.
     - `desc`: the label of the progress bar.
-    - `directory`: where the checkpoint goes.
+    - `directory`: where the checkpoint and `history.json` go.
     - `progress`: show the tqdm bar.
+    - `history`: the rows logged before `state.step` (when resuming); the new
+      rows are appended to them.
     - `checkpoint_every`, `log_every`: checkpoint and bar-refresh periods.
 
     **Returns:**
 
-    The final state and a summary: `history` (step, logs) every `log_every`
-    steps, `train_seconds` and `steps_per_second`, `first_step`.
+    The final state and a summary: `history` (step, logs) every step since
+    the run began, `train_seconds` and `steps_per_second` of this session,
+    `first_step`.
     """
     start = int(state.step)
-    history: list[dict[str, Any]] = []
+    history = list(history or [])
     pending: list[tuple[int, dict[str, Array]]] = []
     compile_seconds = None
     tic = time.perf_counter()
@@ -72,17 +76,16 @@ def train(
                 jax.block_until_ready(logs)
                 compile_seconds = time.perf_counter() - tic
             pending.append((i, logs))
-            if (i + 1) % log_every == 0 or i + 1 == num_steps:
-                for j, row in pending:
-                    history.append({"step": j + 1, **_to_floats(row)})
-                pending = []
+            if (i + 1) % checkpoint_every == 0 or (i + 1) % log_every == 0:
+                history += _flush(pending)
                 bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
             if (i + 1) % checkpoint_every == 0:
-                save_checkpoint(directory, state)
+                save_progress(directory, state, history)
             bar.update(1)
+    history += _flush(pending)
     jax.block_until_ready(state)
     seconds = time.perf_counter() - tic
-    save_checkpoint(directory, state)
+    save_progress(directory, state, history)
     ran = num_steps - start
     return state, {
         "history": history,
@@ -91,6 +94,13 @@ def train(
         "compile_seconds": compile_seconds,
         "steps_per_second": ran / seconds if ran and seconds > 0 else None,
     }
+
+
+def _flush(pending: list[tuple[int, dict[str, Array]]]) -> History:
+    """The history rows of the pending `(step index, logs)` pairs; empties it."""
+    rows = [{"step": i + 1, **_to_floats(logs)} for i, logs in pending]
+    pending.clear()
+    return rows
 
 
 def _to_floats(logs: dict[str, Array]) -> dict[str, float]:

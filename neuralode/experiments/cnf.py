@@ -28,15 +28,17 @@ from jaxtyping import Array, PRNGKeyArray
 
 import neuralode as no
 
-from ._checkpoint import TrainState, checkpoint_path, initial_state
-from ._output import read_json
+from ._checkpoint import TrainState
+from ._output import METRICS, UsageError, read_run_json
 from ._plotting import new_figure, plot_loss, save_figure
 from ._run import Run, add_common_arguments, positive_float, positive_int
-from ._training import mean_of_history, train
+from ._training import mean_of_history
 
 NAME = "cnf"
 HELP = "FFJORD continuous normalizing flow on a 2-D toy density"
 DTYPE = jnp.float32
+STEPS = 3000
+QUICK = {"steps": 3, "width": 16, "depth": 1, "batch_size": 64, "num_test": 576}
 REGULARIZERS = ("kinetic", "jacobian")
 LIMIT = 4.5  # half-width of the plotted square
 
@@ -78,30 +80,81 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=regularizer_list,
         default=(),
         metavar="NAMES",
-        help="RNODE regularizers: kinetic, jacobian or kinetic,jacobian",
+        help="RNODE regularizers: kinetic, jacobian or kinetic,jacobian "
+        "(default: none)",
     )
-    parser.add_argument("--reg-weight", type=positive_float, default=0.01)
+    parser.add_argument(
+        "--reg-weight",
+        type=positive_float,
+        default=0.01,
+        help="weight of each regularizer in the loss",
+    )
     parser.add_argument(
         "--baseline",
         default=None,
         metavar="RUN",
         help="an unregularized cnf run whose function evaluations --reg is "
-        "compared with",
+        "compared with (default: none)",
     )
-    parser.add_argument("--batch-size", type=positive_int, default=512)
-    parser.add_argument("--lr", type=positive_float, default=2e-3)
-    parser.add_argument("--width", type=positive_int, default=64)
-    parser.add_argument("--depth", type=positive_int, default=3)
-    parser.add_argument("--rtol", type=positive_float, default=1e-4)
-    parser.add_argument("--atol", type=positive_float, default=1e-4)
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=512,
+        help="fresh samples per training step",
+    )
+    parser.add_argument(
+        "--lr", type=positive_float, default=2e-3, help="peak learning rate"
+    )
+    parser.add_argument(
+        "--width", type=positive_int, default=64, help="width of the vector field"
+    )
+    parser.add_argument(
+        "--depth",
+        type=positive_int,
+        default=3,
+        help="hidden layers of the vector field",
+    )
+    parser.add_argument(
+        "--rtol", type=positive_float, default=1e-4, help="solver relative tolerance"
+    )
+    parser.add_argument(
+        "--atol", type=positive_float, default=1e-4, help="solver absolute tolerance"
+    )
     parser.add_argument(
         "--eval-tol",
         type=positive_float,
         default=1e-5,
         help="rtol = atol of the test-NLL solve",
     )
-    parser.add_argument("--num-test", type=positive_int, default=20000)
-    add_common_arguments(parser)
+    parser.add_argument(
+        "--num-test",
+        type=positive_int,
+        default=20000,
+        help="test samples (rounded to whole chunks of the density grid)",
+    )
+    add_common_arguments(parser, steps=STEPS, quick_steps=QUICK["steps"])
+
+
+def configure(args: argparse.Namespace) -> None:
+    """Check that --baseline names a finished cnf run."""
+    if args.baseline is not None:
+        _read_baseline(args.baseline)
+
+
+def _split(key: PRNGKeyArray) -> Array:
+    """The model, training, test and plot keys of a run."""
+    return jr.split(key, 4)
+
+
+def build(
+    args: argparse.Namespace, key: PRNGKeyArray
+) -> tuple[no.CNF, optax.GradientTransformation]:
+    """The flow and its optimiser (Adam, warmup and cosine decay)."""
+    steps = args.steps
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, args.lr, min(100, max(1, steps // 10)), steps, args.lr / 20
+    )
+    return make_flow(args, _split(key)[0]), optax.adam(schedule)
 
 
 def make_flow(args: argparse.Namespace, key: PRNGKeyArray) -> no.CNF:
@@ -124,18 +177,9 @@ def _flow_fevals(flow: no.CNF, z0: Array) -> tuple[Array, Array]:
 def run(ctx: Run) -> dict[str, Any]:
     """Train the flow by maximum likelihood and evaluate it."""
     args = ctx.args
-    steps = args.steps or (3 if args.quick else 3000)
-    if args.quick:
-        args.width, args.depth, args.batch_size, args.num_test = 16, 1, 64, 576
-    ctx.parallel.check_batch_size(args.batch_size)
-    model_key, train_key, test_key, plot_key = jr.split(ctx.key, 4)
-    flow = make_flow(args, model_key)
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, args.lr, min(100, max(1, steps // 10)), steps, args.lr / 20
-    )
-    optimiser = optax.adam(schedule)
-    state = initial_state(flow, optimiser.init(eqx.filter(flow, eqx.is_array)))
-    state = ctx.parallel.replicate(ctx.restore(state))
+    _, train_key, test_key, plot_key = _split(ctx.key)
+    optimiser = ctx.optimiser
+    state = ctx.parallel.replicate(ctx.state)
     regs, weight = tuple(args.reg), args.reg_weight
 
     @eqx.filter_jit
@@ -163,16 +207,7 @@ def run(ctx: Run) -> dict[str, Any]:
         x = no.datasets.toy_2d(args.data, args.batch_size, key=jr.fold_in(train_key, i))
         return ctx.parallel.shard(x)
 
-    state, summary = train(
-        state,
-        step,
-        batch_fn,
-        num_steps=steps,
-        key=train_key,
-        desc=NAME,
-        directory=ctx.directory,
-        progress=args.progress,
-    )
+    state, summary = ctx.train(state, step, batch_fn, train_key)
     flow = state.model
     metrics = {
         "data": args.data,
@@ -227,7 +262,7 @@ def _baseline_savings(metrics: dict[str, Any], baseline: str | None) -> dict:
     """Function evaluations saved relative to an (unregularized) baseline run."""
     if baseline is None:
         return {}
-    base = read_json(checkpoint_path(baseline).parent / "metrics.json")
+    base = _read_baseline(baseline)
     return {
         "baseline": str(baseline),
         "baseline_nfe_forward": base["nfe_forward"],
@@ -236,6 +271,19 @@ def _baseline_savings(metrics: dict[str, Any], baseline: str | None) -> dict:
         "nfe_backward_saved": base["nfe_backward"] - metrics["nfe_backward"],
         "baseline_test_nll": base["test_nll"],
     }
+
+
+def _read_baseline(baseline: str) -> dict[str, Any]:
+    """The metrics of the --baseline run, or a `UsageError` saying what is amiss."""
+    path = Path(baseline)
+    path = (path if path.is_dir() else path.parent) / METRICS
+    if not path.is_file():
+        raise UsageError(f"--baseline {baseline}: no finished run ({path} is missing)")
+    metrics = read_run_json(path)
+    missing = {"nfe_forward", "nfe_backward", "test_nll"} - set(metrics)
+    if metrics.get("experiment") != NAME or missing:
+        raise UsageError(f"--baseline {baseline}: {path} is not a cnf run's metrics")
+    return metrics
 
 
 def _plot(flow: no.CNF, data: str, key: PRNGKeyArray, path: Path, quick: bool) -> None:

@@ -27,14 +27,16 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 import neuralode as no
 
-from ._checkpoint import TrainState, initial_state
+from ._checkpoint import TrainState
 from ._plotting import new_figure, plot_loss, save_figure
 from ._run import Run, add_common_arguments, positive_float, positive_int
-from ._training import batch_indices, mean_of_history, train
+from ._training import batch_indices, mean_of_history
 
 NAME = "digits"
 HELP = "ODE-Net classifier on scikit-learn's 8x8 digits"
 DTYPE = jnp.float32
+STEPS = 1500
+QUICK = {"steps": 5, "hidden": 8, "width": 16, "batch_size": 32}
 
 
 class ODENet(eqx.Module):
@@ -76,15 +78,67 @@ class ODENet(eqx.Module):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of the digits experiment."""
-    parser.add_argument("--batch-size", type=positive_int, default=128)
-    parser.add_argument("--lr", type=positive_float, default=3e-3)
-    parser.add_argument("--weight-decay", type=float, default=1e-2)
-    parser.add_argument("--hidden", type=positive_int, default=64)
-    parser.add_argument("--width", type=positive_int, default=64)
-    parser.add_argument("--depth", type=positive_int, default=1)
-    parser.add_argument("--rtol", type=positive_float, default=1e-3)
-    parser.add_argument("--atol", type=positive_float, default=1e-4)
-    add_common_arguments(parser)
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=128,
+        help="images per training step (at most the training set)",
+    )
+    parser.add_argument(
+        "--lr", type=positive_float, default=3e-3, help="peak learning rate"
+    )
+    parser.add_argument(
+        "--weight-decay", type=float, default=1e-2, help="AdamW weight decay"
+    )
+    parser.add_argument(
+        "--hidden", type=positive_int, default=64, help="size of the ODE state"
+    )
+    parser.add_argument(
+        "--width", type=positive_int, default=64, help="width of the vector field"
+    )
+    parser.add_argument(
+        "--depth",
+        type=positive_int,
+        default=1,
+        help="hidden layers of the vector field",
+    )
+    parser.add_argument(
+        "--rtol", type=positive_float, default=1e-3, help="solver relative tolerance"
+    )
+    parser.add_argument(
+        "--atol", type=positive_float, default=1e-4, help="solver absolute tolerance"
+    )
+    add_common_arguments(parser, steps=STEPS, quick_steps=QUICK["steps"])
+
+
+def configure(args: argparse.Namespace) -> None:
+    """Clip --batch-size to the training set, the batch size actually used."""
+    num_train = len(no.datasets.digits(seed=args.seed).x_train)
+    args.batch_size = min(args.batch_size, num_train)
+
+
+def _split(key: PRNGKeyArray) -> Array:
+    """The model, data-order and training keys of a run."""
+    return jr.split(key, 3)
+
+
+def build(
+    args: argparse.Namespace, key: PRNGKeyArray
+) -> tuple[ODENet, optax.GradientTransformation]:
+    """The ODE-Net and its optimiser (AdamW, warmup and cosine decay)."""
+    model = ODENet(
+        args.hidden,
+        args.width,
+        args.depth,
+        rtol=args.rtol,
+        atol=args.atol,
+        key=_split(key)[0],
+    )
+    steps = args.steps
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, args.lr, min(100, max(1, steps // 10)), steps, args.lr / 100
+    )
+    return model, optax.adamw(schedule, weight_decay=args.weight_decay)
 
 
 def _cross_entropy(logits: Array, labels: Int[Array, " B"]) -> Array:
@@ -111,29 +165,12 @@ def _backward_fevals(model: ODENet, x: Array, y: Array) -> Array:
 def run(ctx: Run) -> dict[str, Any]:
     """Train and evaluate the ODE-Net; returns the metrics."""
     args = ctx.args
-    steps = args.steps or (5 if args.quick else 1500)
-    if args.quick:
-        args.hidden, args.width, args.batch_size = 8, 16, 32
     data = no.datasets.digits(seed=args.seed)
     x_train, y_train = data.x_train, data.y_train
-    batch_size = min(args.batch_size, len(x_train))
-    ctx.parallel.check_batch_size(batch_size)
-
-    model_key, data_key, train_key = jr.split(ctx.key, 3)
-    model = ODENet(
-        args.hidden,
-        args.width,
-        args.depth,
-        rtol=args.rtol,
-        atol=args.atol,
-        key=model_key,
-    )
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, args.lr, min(100, max(1, steps // 10)), steps, args.lr / 100
-    )
-    optimiser = optax.adamw(schedule, weight_decay=args.weight_decay)
-    state = initial_state(model, optimiser.init(eqx.filter(model, eqx.is_array)))
-    state = ctx.parallel.replicate(ctx.restore(state))
+    batch_size = args.batch_size
+    _, data_key, train_key = _split(ctx.key)
+    optimiser = ctx.optimiser
+    state = ctx.parallel.replicate(ctx.state)
 
     @eqx.filter_jit
     def step(state: TrainState, batch, key):
@@ -158,16 +195,7 @@ def run(ctx: Run) -> dict[str, Any]:
         idx = batch_indices(data_key, i, len(x_train), batch_size)
         return ctx.parallel.shard((x_train[idx], y_train[idx]))
 
-    state, summary = train(
-        state,
-        step,
-        batch_fn,
-        num_steps=steps,
-        key=train_key,
-        desc=NAME,
-        directory=ctx.directory,
-        progress=args.progress,
-    )
+    state, summary = ctx.train(state, step, batch_fn, train_key)
     pred, metrics = _evaluate(state.model, data, batch_size)
     if summary["history"]:
         plot_loss(summary["history"], ctx.directory / "loss.png", "cross-entropy")

@@ -35,14 +35,26 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 import neuralode as no
 
-from ._checkpoint import TrainState, initial_state
+from ._checkpoint import TrainState
+from ._output import UsageError
 from ._plotting import new_figure, plot_loss, save_figure
 from ._run import Run, add_common_arguments, positive_float, positive_int
-from ._training import batch_indices, train
+from ._training import batch_indices
 
 NAME = "spiral"
 HELP = "latent ODE on irregularly sampled noisy spirals (paper section 5)"
 DTYPE = jnp.float32
+STEPS = 6000
+QUICK = {
+    "steps": 4,
+    "num_train": 32,
+    "num_test": 8,
+    "batch_size": 8,
+    "hidden": 8,
+    "width": 8,
+    "window": 40,
+    "num_obs": 8,
+}
 
 
 class Observations(NamedTuple):
@@ -153,60 +165,104 @@ def _elbo(model: LatentODE, ts, idx, ys, noise: float, key) -> tuple[Array, Arra
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of the spiral experiment."""
-    parser.add_argument("--num-train", type=positive_int, default=512)
-    parser.add_argument("--num-test", type=positive_int, default=100)
+    parser.add_argument(
+        "--num-train", type=positive_int, default=512, help="training spirals"
+    )
+    parser.add_argument(
+        "--num-test", type=positive_int, default=100, help="held-out spirals"
+    )
     parser.add_argument(
         "--num-obs",
         type=positive_int,
         default=30,
         help="observations per spiral in the first half of its window",
     )
-    parser.add_argument("--window", type=positive_int, default=150)
-    parser.add_argument("--noise", type=positive_float, default=0.1)
-    parser.add_argument("--batch-size", type=positive_int, default=64)
-    parser.add_argument("--lr", type=positive_float, default=1e-2)
-    parser.add_argument("--latent", type=positive_int, default=4)
-    parser.add_argument("--hidden", type=positive_int, default=25)
-    parser.add_argument("--width", type=positive_int, default=32)
-    parser.add_argument("--rtol", type=positive_float, default=1e-3)
-    parser.add_argument("--atol", type=positive_float, default=1e-4)
-    add_common_arguments(parser)
+    parser.add_argument(
+        "--window",
+        type=positive_int,
+        default=150,
+        help="points of the time grid of each spiral",
+    )
+    parser.add_argument(
+        "--noise",
+        type=positive_float,
+        default=0.1,
+        help="standard deviation of the observation noise",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=64,
+        help="spirals per training step (at most --num-train)",
+    )
+    parser.add_argument(
+        "--lr", type=positive_float, default=1e-2, help="initial learning rate"
+    )
+    parser.add_argument(
+        "--latent", type=positive_int, default=4, help="size of the latent state"
+    )
+    parser.add_argument(
+        "--hidden", type=positive_int, default=25, help="size of the GRU encoder"
+    )
+    parser.add_argument(
+        "--width",
+        type=positive_int,
+        default=32,
+        help="width of the latent vector field and the decoder",
+    )
+    parser.add_argument(
+        "--rtol", type=positive_float, default=1e-3, help="solver relative tolerance"
+    )
+    parser.add_argument(
+        "--atol", type=positive_float, default=1e-4, help="solver absolute tolerance"
+    )
+    add_common_arguments(parser, steps=STEPS, quick_steps=QUICK["steps"])
 
 
-def run(ctx: Run) -> dict[str, Any]:
-    """Train the latent ODE on the ELBO and score it on held-out spirals."""
-    args = ctx.args
-    steps = args.steps or (4 if args.quick else 6000)
-    if args.quick:
-        args.num_train, args.num_test, args.batch_size = 32, 8, 8
-        args.hidden, args.width, args.window, args.num_obs = 8, 8, 40, 8
+def configure(args: argparse.Namespace) -> None:
+    """Check --num-obs; clip --batch-size to --num-train, the size actually used."""
     if not 2 <= args.num_obs <= args.window // 2:
-        raise SystemExit(
-            f"neuralode spiral: error: --num-obs must be in [2, window/2 = "
-            f"{args.window // 2}], got {args.num_obs}"
+        raise UsageError(
+            f"--num-obs must be in [2, window/2 = {args.window // 2}], "
+            f"got {args.num_obs}"
         )
-    data_key, test_key, model_key, order_key, train_key = jr.split(ctx.key, 5)
-    train_data = make_data(
-        args.num_train, args.num_obs, args.window, args.noise, data_key
-    )
-    test_data = make_data(
-        args.num_test, args.num_obs, args.window, args.noise, test_key
-    )
-    batch_size = min(args.batch_size, args.num_train)
-    ctx.parallel.check_batch_size(batch_size)
+    args.batch_size = min(args.batch_size, args.num_train)
 
+
+def _split(key: PRNGKeyArray) -> Array:
+    """The train-data, test-data, model, data-order and training keys of a run."""
+    return jr.split(key, 5)
+
+
+def build(
+    args: argparse.Namespace, key: PRNGKeyArray
+) -> tuple[LatentODE, optax.GradientTransformation]:
+    """The latent ODE and its optimiser (clipped Adam, cosine decay)."""
     model = LatentODE(
         args.latent,
         args.hidden,
         args.width,
         rtol=args.rtol,
         atol=args.atol,
-        key=model_key,
+        key=_split(key)[2],
     )
-    schedule = optax.cosine_decay_schedule(args.lr, steps, alpha=0.05)
-    optimiser = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule))
-    state = initial_state(model, optimiser.init(eqx.filter(model, eqx.is_array)))
-    state = ctx.parallel.replicate(ctx.restore(state))
+    schedule = optax.cosine_decay_schedule(args.lr, args.steps, alpha=0.05)
+    return model, optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule))
+
+
+def run(ctx: Run) -> dict[str, Any]:
+    """Train the latent ODE on the ELBO and score it on held-out spirals."""
+    args = ctx.args
+    data_key, test_key, _, order_key, train_key = _split(ctx.key)
+    train_data = make_data(
+        args.num_train, args.num_obs, args.window, args.noise, data_key
+    )
+    test_data = make_data(
+        args.num_test, args.num_obs, args.window, args.noise, test_key
+    )
+    batch_size = args.batch_size
+    optimiser = ctx.optimiser
+    state = ctx.parallel.replicate(ctx.state)
     ts = jnp.asarray(train_data.ts)
     noise = args.noise
 
@@ -228,16 +284,7 @@ def run(ctx: Run) -> dict[str, Any]:
         rows = batch_indices(order_key, i, args.num_train, batch_size)
         return ctx.parallel.shard((train_data.idx[rows], train_data.ys[rows]))
 
-    state, summary = train(
-        state,
-        step,
-        batch_fn,
-        num_steps=steps,
-        key=train_key,
-        desc=NAME,
-        directory=ctx.directory,
-        progress=args.progress,
-    )
+    state, summary = ctx.train(state, step, batch_fn, train_key)
     pred = eqx.filter_jit(_predict)(state.model, test_data)
     pred = np.asarray(pred)
     half = args.window // 2
