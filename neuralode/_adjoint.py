@@ -19,7 +19,7 @@ from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 from jaxtyping import Array, PyTree
 
 from ._controller import State
-from ._failure import raise_if_failed, tie
+from ._failure import checked
 from ._integrate import LoopStats, SolverConfig, integrate
 from ._solution import RESULTS
 
@@ -149,9 +149,10 @@ def _custom_vjp_loop(
     `select(out, tau) -> ys` of `forward`'s output, and `expand(out, tau, ys_bar)`
     gives `backward` its `out_bar`.
 
-    `check(stats, tau, direction) -> token` (see `_failure.raise_if_failed`)
-    checks the forward solve again in the backward pass, so that a gradient
-    that never reads the solution's values still reports a failed solve.
+    `check(cotangents, stats, tau, direction) -> cotangents` (see
+    `_forward_check`) checks the forward solve again in the backward pass, so
+    that a gradient that never reads the solution's values still reports a
+    failed solve.
     """
 
     @jax.custom_vjp
@@ -182,7 +183,7 @@ def _custom_vjp_loop(
         params_bar = _parameter_cotangents(params_bar, params_arrays)
         cotangents = (params_bar, y0_bar, tau_bar)
         if check is not None:
-            cotangents = tie(cotangents, check(stats, tau, direction))
+            cotangents = check(cotangents, stats, tau, direction)
         return (*cotangents, jnp.zeros_like(direction), jnp.zeros_like(h0))
 
     def bwd(residuals, cotangents):
@@ -210,12 +211,12 @@ def _custom_vjp_loop(
 
 
 def _forward_check(config: SolverConfig):
-    """The `check` of `_custom_vjp_loop`: the forward solve's failure test."""
+    """The `check` of `_custom_vjp_loop`: the forward solve's failure test
+    applied to the cotangents (raising, or NaN without `config.throw`)."""
 
-    def check(stats, tau, direction):
+    def check(cotangents, stats, tau, direction):
         t0, t1 = direction * tau[0], direction * tau[-1]
-        name = type(config.solver).__name__
-        return raise_if_failed(stats, direction, t0, t1, config.max_steps, name)
+        return checked(config, cotangents, stats, direction, t0, t1)
 
     return check
 
@@ -370,7 +371,15 @@ class BacksolveAdjoint(AbstractAdjoint):
         if not self.seminorm and q:
             groups += (tuple(range(2 * m, 2 * m + q)),)
         return SolverConfig(
-            config.solver, config.controller, rtol, atol, None, config.max_steps, groups
+            config.solver,
+            config.controller,
+            rtol,
+            atol,
+            None,
+            config.max_steps,
+            groups,
+            time_dependent=config.time_dependent,
+            throw=config.throw,
         )
 
     def _grid(self, tau: Array) -> tuple[Array, Array]:
@@ -406,16 +415,15 @@ class BacksolveAdjoint(AbstractAdjoint):
                 _instantiate(ys_grid_bar),
                 fwd_stats.output_steps,
             )
-            token = raise_if_failed(
+            return checked(
+                config,
+                cotangents,
                 stats,
                 -direction,
                 direction * tau[-1],
                 direction * tau[0],
-                config.max_steps,
-                type(config.solver).__name__,
                 "backward (adjoint) solve",
             )
-            return tie(cotangents, token)
 
         def select(ys_grid, tau):
             return tuple(leaf[self._grid(tau)[1]] for leaf in ys_grid)

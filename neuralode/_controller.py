@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable
+from typing import ClassVar, NamedTuple
 
 import equinox as eqx
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+from jaxtyping import Array, Bool, Float
 
 State = tuple[Array, ...]
 """The solver state: a tuple of flat vectors (one for a plain solve; the state,
@@ -54,7 +56,70 @@ def error_scale(y0: State, y1: State, rtol, atol) -> State:
     )
 
 
-class PIController(eqx.Module):
+def weighted(error: Array, scale: Array) -> Array:
+    """error / scale, where a zero scale (atol = 0 on a zero component) weighs
+    a zero error as 0 and any other as inf (no tolerance can be met there)."""
+    zero = scale == 0
+    ratio = error / jnp.where(zero, 1, scale)
+    return jnp.where(zero, jnp.where(error == 0, 0, jnp.inf), ratio)
+
+
+class StepOutcome(NamedTuple):
+    """What a controller sees of a trial step from t to t + h.
+
+    - `t`: the step's start; `h`: its size; `h_proposed`: the size asked for
+      (h is shorter when the step was clipped to end at the last output time,
+      `clipped`).
+    - `err`: the weighted RMS error norm (NaN when there is no estimate).
+    - `valid`: whether the step produced a usable result at all: finite values
+      and stage times the time dtype resolves (an implicit method adds a
+      converged iteration). An invalid step is never accepted.
+    - `err_prev`: the error of the last accepted step; `rejected_last`: whether
+      the previous attempt was rejected.
+    - `exponent`: 1/q, q the order of the error estimate plus one.
+    """
+
+    t: Array
+    h: Array
+    h_proposed: Array
+    clipped: Bool[Array, ""]
+    err: Array
+    valid: Bool[Array, ""]
+    err_prev: Array
+    rejected_last: Bool[Array, ""]
+    exponent: float
+
+
+class Decision(NamedTuple):
+    """A controller's verdict: keep the step or not, and the next step size."""
+
+    accept: Bool[Array, ""]
+    h_next: Array
+
+
+class AbstractController(eqx.Module):
+    """Decides whether a trial step is kept and how large the next one is.
+
+    The solver loop calls `adapt` after every trial step and never asks which
+    controller it has; any reason to reject a step (error, non-finite values,
+    unresolved stage times, and for implicit methods a diverging iteration)
+    reaches the controller through `StepOutcome`.
+    """
+
+    adaptive: eqx.AbstractClassVar[bool]
+
+    @abc.abstractmethod
+    def adapt(self, outcome: StepOutcome) -> Decision:
+        """The decision on one trial step."""
+
+
+def below(t: Array, t_new: Array) -> Array:
+    """The largest step from t that ends strictly before t_new (0 if t_new is
+    the next representable time after t)."""
+    return jnp.nextafter(t_new, t) - t
+
+
+class PIController(AbstractController):
     """Proportional–integral step-size controller (Hairer & Wanner's DOPRI5).
 
     After a step with weighted error ``err`` (accept when ``err <= 1``) the next
@@ -77,6 +142,7 @@ class PIController(eqx.Module):
     beta: float = 0.04
     min_factor: float = 0.2
     max_factor: float = 10.0
+    adaptive: ClassVar[bool] = True
 
     def __check_init__(self):
         if not 0 < self.safety <= 1:
@@ -110,13 +176,42 @@ class PIController(eqx.Module):
         return jnp.where(jnp.isfinite(err), factor, self.min_factor)
 
 
-class ConstantStepSize(eqx.Module):
+    def adapt(self, outcome: StepOutcome) -> Decision:
+        """Accept when valid and err <= 1; scale h by `factor`.
+
+        A step clipped to end at the last output time keeps the earlier
+        proposal unless its error grew; after a rejection the next step is
+        strictly shorter in the time dtype (a shrink that rounding would undo
+        becomes one representable time less), so retries always progress.
+        """
+        o = outcome
+        accept = o.valid & (o.err <= 1.0)
+        err = jnp.where(o.valid, o.err, jnp.nan)
+        factor = self.factor(err, o.err_prev, accept, o.exponent).astype(o.h.dtype)
+        h_next = o.h * factor
+        h_next = jnp.where(
+            accept & o.clipped,
+            jnp.maximum(h_next, o.h_proposed * jnp.minimum(factor, 1)),
+            h_next,
+        )
+        h_next = jnp.where(accept & o.rejected_last, jnp.minimum(h_next, o.h), h_next)
+        shorter = jnp.minimum(h_next, below(o.t, o.t + o.h))
+        return Decision(accept, jnp.where(accept, h_next, shorter))
+
+
+class ConstantStepSize(AbstractController):
     """Take every step with the size `dt0`, as a fixed-step method would.
 
     With an embedded pair the error estimate is ignored; a step with NaN/inf is
     still a failure (`RESULTS.nonfinite`). Use it for convergence studies or to
     match a fixed time grid. Requires `dt0`.
     """
+
+    adaptive: ClassVar[bool] = False
+
+    def adapt(self, outcome: StepOutcome) -> Decision:
+        """Accept every valid step; the next is the proposed size again."""
+        return Decision(outcome.valid, outcome.h_proposed)
 
 
 def initial_step(

@@ -23,13 +23,16 @@ from jaxtyping import Array, Bool, Float, Int
 
 from . import _interpolation as interp
 from ._controller import (
+    AbstractController,
     ConstantStepSize,
-    PIController,
     State,
+    StepOutcome,
     error_scale,
     initial_step,
     norm_of_sums,
+    rms_norm,
     squares,
+    weighted,
 )
 from ._solution import RESULTS
 from ._solvers import AbstractSolver
@@ -42,7 +45,7 @@ class SolverConfig(eqx.Module):
     """Everything static about a solve: method, control and limits."""
 
     solver: AbstractSolver
-    controller: PIController | ConstantStepSize
+    controller: AbstractController
     rtol: float = eqx.field(static=True)
     atol: float = eqx.field(static=True)
     dt0: float | None = eqx.field(static=True)
@@ -52,11 +55,22 @@ class SolverConfig(eqx.Module):
     norm_groups: tuple[tuple[int, ...], ...] | None = eqx.field(
         default=None, static=True
     )
+    # Whether f depends on t: then a step must span enough representable
+    # times for its stages to be placed apart (see `attempt_step`).
+    time_dependent: bool = eqx.field(default=True, static=True)
+    # Raise on failure (else report it in the result code, gradients NaN).
+    throw: bool = eqx.field(default=True, static=True)
 
     @property
     def adaptive(self) -> bool:
         """Whether steps are chosen by error control (else all of size dt0)."""
-        return self.solver.adaptive and isinstance(self.controller, PIController)
+        return self.solver.adaptive and self.controller.adaptive
+
+    @property
+    def step_controller(self) -> AbstractController:
+        """The controller in charge: a fixed-step method has no error estimate
+        to control, so it takes constant steps whatever was configured."""
+        return self.controller if self.solver.adaptive else ConstantStepSize()
 
 
 class Attempt(NamedTuple):
@@ -78,6 +92,18 @@ def _where(pred: Array, a: State, b: State) -> State:
     return tuple(jnp.where(pred, x, y) for x, y in zip(a, b, strict=True))
 
 
+def time_spacing(t: Array) -> Array:
+    """The distance from |t| to the next representable time above it."""
+    t = jnp.abs(t)
+    return jnp.nextafter(t, jnp.full_like(t, jnp.inf)) - t
+
+
+#: A step of a time-dependent field must span more than this many spacings of
+#: the time dtype, or its stage times round onto each other and its error
+#: estimate means nothing (a float32 solve at t = 1e6 has spacing 0.0625).
+RESOLVED_SPACINGS = 16
+
+
 def attempt_step(
     config: SolverConfig,
     f: FlatField,
@@ -88,12 +114,15 @@ def attempt_step(
     t_target: Array,
     err_prev: Array,
     rejected_last: Array,
+    origin: Array,
     dense: bool = True,
     estimate_stiffness: bool = True,
 ) -> Attempt:
-    """Try a step from t towards t_target, never past it.
+    """Try a step from t towards t_target, never past it; the controller decides.
 
-    A step that would stop within a few ULPs of t_target is stretched to land
+    Times are measured from `origin` (the field sees origin + t), so that the
+    loop's own time arithmetic keeps full precision whatever the offset. A
+    step that would stop within a few ULPs of t_target is stretched to land
     exactly on it. Step-size decisions are made on `stop_gradient` values.
     `Attempt.stiffness` is h·ρ̂ if `estimate_stiffness` and the method has a
     stiffness stage, else NaN.
@@ -113,26 +142,22 @@ def attempt_step(
     real = jnp.real(y[0]).dtype
     pair = step.stiffness_pair if estimate_stiffness else None
     finite, error_sums, stiff_sums = _step_sums(config, y, step, pair, real)
+    valid = finite
+    if config.time_dependent:
+        user_t = lax.stop_gradient(origin) + t_sg
+        valid = valid & (jnp.abs(h) > RESOLVED_SPACINGS * time_spacing(user_t))
     if config.adaptive:
         sizes = [leaf.size for leaf in y]
-        err = norm_of_sums(error_sums, sizes, config.norm_groups)
-        err = lax.stop_gradient(err)
-        finite = finite & jnp.isfinite(err)
-        accept = finite & (err <= 1.0)
-        factor = config.controller.factor(err, err_prev, accept, solver.error_exponent)
-        h_next = h * factor.astype(h.dtype)
-        # A step shortened to hit t_target says little about the step size the
-        # solution allows; keep the earlier proposal unless the error grew.
-        h_next = jnp.where(
-            accept & clipped,
-            jnp.maximum(h_next, h_proposed * jnp.minimum(factor, 1.0).astype(h.dtype)),
-            h_next,
-        )
-        h_next = jnp.where(accept & rejected_last, jnp.minimum(h_next, h), h_next)
+        err = lax.stop_gradient(norm_of_sums(error_sums, sizes, config.norm_groups))
+        finite = finite & ~jnp.isnan(err)
+        valid = valid & ~jnp.isnan(err)
     else:
-        err = jnp.zeros((), jnp.real(y[0]).dtype)
-        accept = finite
-        h_next = jnp.full_like(h, config.dt0)
+        err = jnp.full((), jnp.nan, real)
+    outcome = StepOutcome(
+        t_sg, h, h_proposed, clipped, err, valid, err_prev, rejected_last,
+        solver.error_exponent,
+    )  # fmt: skip
+    accept, h_next = config.step_controller.adapt(outcome)
     if pair is None:
         stiffness = jnp.full((), jnp.nan, real)
     else:
@@ -165,7 +190,7 @@ def _step_sums(config: SolverConfig, y: State, step, pair, real):
     for i, leaf in enumerate(step.y1):
         rows = [jnp.real(leaf)]
         if with_error and i in counted:
-            rows.append(squares(step.y_error[i] / scale[i]))
+            rows.append(squares(weighted(step.y_error[i], scale[i])))
         if pair is not None:
             rows += [squares(pair[0][i]), squares(pair[1][i])]
         if len(rows) > 1:
@@ -202,27 +227,24 @@ def failure_code(
     t_end: Array,
     num_steps: Array,
 ) -> Int[Array, ""]:
-    """The result code after a step: non-finite, underflow, max_steps or 0."""
-    if not config.adaptive:
-        # Fixed steps cannot shrink around a non-finite value.
-        return jnp.where(
-            attempt.finite,
-            jnp.where(
-                (num_steps >= config.max_steps) & (t_after < t_end),
-                RESULTS.max_steps_reached,
-                RESULTS.successful,
-            ),
-            RESULTS.nonfinite,
-        ).astype(jnp.int32)
+    """The result code after a step: non-finite, underflow, max_steps or 0.
+
+    A rejected step whose successor could no longer move t (or, for fixed
+    steps, any rejected step: they cannot shrink) ends the solve: non-finite
+    if the step had NaN/inf, else underflow (error control or time resolution).
+    """
+    unfinished = t_after < t_end
+    if config.adaptive:
+        stuck = underflowed(attempt.h_next, t_after)
+    else:
+        stuck = ~attempt.accept
     code = jnp.where(
-        underflowed(attempt.h_next, t_after) & (t_after < t_end),
+        stuck & unfinished,
         jnp.where(attempt.finite, RESULTS.dt_underflow, RESULTS.nonfinite),
         RESULTS.successful,
     )
     code = jnp.where(
-        (code == RESULTS.successful)
-        & (num_steps >= config.max_steps)
-        & (t_after < t_end),
+        (code == RESULTS.successful) & (num_steps >= config.max_steps) & unfinished,
         RESULTS.max_steps_reached,
         code,
     )
@@ -240,6 +262,12 @@ class LoopStats(NamedTuple):
     h_last: Float[Array, ""]
     stiffness: Float[Array, ""]
     output_steps: Int[Array, " n_out"] | None = None
+    # RMS norm of the final state over max(1, that of the initial state): a
+    # blow-up shows as a huge growth (for the failure message).
+    growth: Float[Array, ""] | None = None
+    # The largest drift of a backward solve's state from the forward one, in
+    # units of the tolerance (BacksolveAdjoint only).
+    drift: Float[Array, ""] | None = None
 
 
 class _ForwardState(NamedTuple):
@@ -445,6 +473,12 @@ def integrate(
     **Returns:** `(ys, stats)` with `ys[i]` the state at `tau_out[i]`, and the
     `StepRecord` when recording.
     """
+    # The loop measures time from tau_out[0], so that its step arithmetic has
+    # full precision whatever the offset (float32 at t = 1e5 resolves 0.008).
+    origin = tau_out[0]
+    field = f
+    f = lambda s, y: field(origin + s, y)
+    tau_out = tau_out - origin
     t0 = tau_out[0]
     t_end = tau_out[-1]
     n_out = tau_out.shape[0]
@@ -504,6 +538,7 @@ def integrate(
             t_end,
             state.err_prev,
             state.rejected_last,
+            origin,
             dense=dense_output,
             estimate_stiffness=track_stiffness,
         )
@@ -601,14 +636,18 @@ def integrate(
             1 + init_fevals + final.num_steps * config.solver.fevals_per_step
         ).astype(jnp.int32),
         result=final.result,
-        t_reached=final.t,
+        t_reached=origin + final.t,
         h_last=final.h,
         stiffness=_stiffness(config, f, final, diagnose_stiffness),
         output_steps=output_steps,
+        growth=lax.stop_gradient(rms_norm(final.y) / jnp.maximum(rms_norm(y0), 1)),
     )
     if record_steps:
         record = StepRecord(
-            final.step_starts, final.stride, final.step_times, final.num_accepted
+            final.step_starts,
+            final.stride,
+            origin + final.step_times,
+            final.num_accepted,
         )
         return ys, stats, record
     return ys, stats

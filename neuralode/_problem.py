@@ -10,6 +10,7 @@ the field becomes d·f(d·τ, y, args).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +34,9 @@ class ODEProblem(eqx.Module):
     field: Callable = eqx.field(static=True)
     ravel: Callable = eqx.field(static=True)
     unravel: Callable = eqx.field(static=True)
+    # Whether f reads t at all (an autonomous field has no time resolution
+    # to respect).
+    time_dependent: bool = eqx.field(default=True, static=True)
 
     def f_flat(
         self, tau: Array, state: tuple[Array], params: PyTree, direction: Array
@@ -107,13 +111,40 @@ def check_tolerances(rtol: Any, atol: Any) -> tuple[float, float]:
             raise TypeError(
                 f"neuralode: {name} must be a Python number, not a traced array"
             )
-        value = float(value)
+        try:
+            if np.ndim(value) != 0 or isinstance(value, bool | complex | str):
+                raise TypeError
+            value = float(value)
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"neuralode: {name} must be one real number (the same tolerance "
+                f"for every component), got {value!r}"
+            ) from None
         if not np.isfinite(value) or value < 0:
             raise ValueError(f"neuralode: {name} must be >= 0 and finite, got {value}")
         values.append(value)
     if values[0] == 0 and values[1] == 0:
         raise ValueError("neuralode: rtol and atol cannot both be zero")
     return values[0], values[1]
+
+
+#: The largest max_steps: the loop counts steps in int32.
+MAX_STEPS_LIMIT = 2**31 - 2
+
+
+def check_precision(rtol: float, dtype: Any) -> None:
+    """Refuse a relative tolerance finer than the state's floating-point
+    resolution: no step's error could honour it (bfloat16 resolves 8e-3), so
+    the result would be wrong however the steps were chosen."""
+    eps = float(jnp.finfo(jnp.real(jnp.zeros((), dtype)).dtype).eps)
+    if 0 < rtol < eps:
+        name = jnp.dtype(dtype).name
+        raise ValueError(
+            f"neuralode: rtol={rtol:g} is finer than the resolution of the "
+            f"{name} state (machine epsilon {eps:.3g}); no solve can honour it. "
+            f"Pass rtol >= {eps:.3g}, or solve in a wider dtype (float32 or "
+            "float64) and cast the result."
+        )
 
 
 def check_steps(
@@ -126,8 +157,11 @@ def check_steps(
         )
     if isinstance(max_steps, bool) or not isinstance(max_steps, int | np.integer):
         raise TypeError(f"neuralode: max_steps must be an int, got {max_steps!r}")
-    if max_steps < 1:
-        raise ValueError(f"neuralode: max_steps must be >= 1, got {max_steps}")
+    if not 1 <= max_steps <= MAX_STEPS_LIMIT:
+        raise ValueError(
+            f"neuralode: max_steps must be between 1 and {MAX_STEPS_LIMIT} (step "
+            f"counters are int32), got {max_steps}"
+        )
     if dt0 is None:
         if not solver.adaptive:
             raise ValueError(
@@ -209,16 +243,25 @@ def make_problem(
     y0_flat = ravel(y0)
     t0 = jnp.asarray(t0)
 
-    def call(field_arrays, t, y, args):
+    # Leaves of args that are not numbers (functions, strings) stay static.
+    args_arrays, args_static = eqx.partition(args, _is_numeric)
+    args_arrays = jax.tree.map(_as_array, args_arrays)
+
+    def call(field_arrays, t, y, args_arrays):
+        args = eqx.combine(args_arrays, args_static)
         return rebuild(field_arrays)(t, y, args)
 
     try:
-        out_shape = jax.eval_shape(call, field_arrays, t0, y0, args)
+        closed, out_shape = jax.make_jaxpr(call, return_shape=True)(
+            field_arrays, t0, y0, args_arrays
+        )
     except TypeError as e:
-        raise TypeError(
-            f"neuralode: calling f(t, y, args) failed: {e}. The vector field must "
-            "take three arguments (t, y, args)."
-        ) from e
+        if _rejects_three_arguments(f):
+            raise TypeError(
+                "neuralode: the vector field must be callable as f(t, y, args) "
+                f"(three arguments); {f!r} does not accept them"
+            ) from e
+        raise TypeError(f"neuralode: calling f(t, y, args) failed: {e}") from e
     expected = jax.eval_shape(lambda y: y, y0)
     same_structure = jax.tree_util.tree_structure(out_shape) == (
         jax.tree_util.tree_structure(expected)
@@ -234,16 +277,45 @@ def make_problem(
             f"dtypes as y0.\n  y0:        {_describe(expected)}\n"
             f"  f returned: {_describe(out_shape)}"
         )
+    t_index = len(jax.tree.leaves(field_arrays))
+    time_dependent = _uses_input(closed.jaxpr, t_index)
     # Hoist traced arrays that f closes over into explicit inputs, so that the
     # custom_vjp adjoints can return their cotangents.
-    converted, consts = jax.closure_convert(call, field_arrays, t0, y0, args)
+    converted, consts = jax.closure_convert(call, field_arrays, t0, y0, args_arrays)
 
     def field(field_arrays, consts):
         return lambda t, y, args: converted(field_arrays, t, y, args, *consts)
 
-    problem = ODEProblem(field=field, ravel=ravel, unravel=unravel)
-    params = jax.tree.map(_as_array, (field_arrays, args, list(consts)))
+    problem = ODEProblem(
+        field=field, ravel=ravel, unravel=unravel, time_dependent=time_dependent
+    )
+    params = jax.tree.map(_as_array, (field_arrays, args_arrays, list(consts)))
     return problem, params, y0_flat
+
+
+def _rejects_three_arguments(f: Callable) -> bool:
+    """Whether f's signature cannot bind (t, y, args) (False if unknown)."""
+    try:
+        inspect.signature(f).bind(0.0, 0.0, None)
+    except TypeError:
+        return True
+    except ValueError:  # no signature (some builtins)
+        return False
+    return False
+
+
+def _uses_input(jaxpr, index: int) -> bool:
+    """Whether input `index` of a jaxpr feeds any equation or output."""
+    var = jaxpr.invars[index]
+    if any(var is out for out in jaxpr.outvars):
+        return True
+    return any(any(v is var for v in eqn.invars) for eqn in jaxpr.eqns)
+
+
+def _is_numeric(x: Any) -> bool:
+    return eqx.is_array(x) or isinstance(
+        x, bool | int | float | complex | np.ndarray | np.generic
+    )
 
 
 def _as_array(x: Any) -> Any:

@@ -19,12 +19,16 @@ class _Results:
     max_steps_reached: ClassVar[int] = 1
     dt_underflow: ClassVar[int] = 2
     nonfinite: ClassVar[int] = 3
+    adjoint_drift: ClassVar[int] = 4
+    invalid_ts: ClassVar[int] = 5
 
     _messages: ClassVar[dict[int, str]] = {
         0: "successful",
         1: "max_steps reached",
         2: "step size underflow",
         3: "non-finite values in the state or vector field",
+        4: "the backward solve of BacksolveAdjoint lost the forward solution",
+        5: "ts not finite and strictly monotonic (checked at run time)",
     }
 
     def message(self, code: int) -> str:

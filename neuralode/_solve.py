@@ -6,15 +6,22 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.lax as lax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, PyTree
 
 from ._adjoint import AbstractAdjoint, BacksolveAdjoint
-from ._controller import ConstantStepSize, PIController
+from ._controller import AbstractController, ConstantStepSize, PIController
 from ._failure import raise_if_failed, tie
 from ._integrate import LoopStats, SolverConfig
-from ._problem import check_steps, check_tolerances, check_ts, make_problem
-from ._solution import Solution
+from ._problem import (
+    check_precision,
+    check_steps,
+    check_tolerances,
+    check_ts,
+    make_problem,
+)
+from ._solution import RESULTS, Solution
 from ._solvers import AbstractSolver, Dopri5
 
 
@@ -64,9 +71,18 @@ def solve(
     `result`.
     """
     config, problem, params, y0_flat, ts = _prepare(
-        f, y0, ts, args, solver, rtol, atol, dt0, max_steps, adjoint, controller
+        f, y0, ts, args, solver, rtol, atol, dt0, max_steps, adjoint, controller, throw
     )
-    (ys_flat,), stats = adjoint.loop(config, problem, params, (y0_flat,), ts)
+    ts, ts_ok = _runtime_checked_times(ts)
+    (ys_flat,), stats = _loop(adjoint, config, problem, params, y0_flat, ts)
+    if ts_ok is not None:
+        # Bad traced ts: NaN outputs (and gradients) and their own code.
+        stats = stats._replace(
+            result=jnp.where(ts_ok, stats.result, RESULTS.invalid_ts).astype(
+                stats.result.dtype
+            )
+        )
+        ys_flat = ys_flat * jnp.where(ts_ok, 1, jnp.nan).astype(ys_flat.dtype)
     if throw:
         direction = jnp.sign(ts[-1] - ts[0])
         token = raise_if_failed(
@@ -75,6 +91,40 @@ def solve(
         ys_flat = tie(ys_flat, token)
     ys = jax.vmap(problem.unravel)(ys_flat)
     return Solution(ts=ts, ys=ys, stats=_stats_dict(stats), result=stats.result)
+
+
+_NO_JVP = "can't apply forward-mode autodiff (jvp) to a custom_vjp function"
+
+
+def _loop(adjoint: AbstractAdjoint, config, problem, params, y0_flat, ts):
+    """`adjoint.loop`, with JAX's refusal of forward mode through a custom_vjp
+    rule turned into advice on what works."""
+    try:
+        return adjoint.loop(config, problem, params, (y0_flat,), ts)
+    except TypeError as e:
+        if _NO_JVP not in str(e):
+            raise
+        raise TypeError(
+            f"neuralode: {type(adjoint).__name__} defines a reverse-mode rule "
+            "(jax.custom_vjp), which forward-mode differentiation (jax.jvp, "
+            "jax.jacfwd, and jax.hessian, which is jacfwd of jacrev) cannot go "
+            "through. For forward mode pass adjoint=neuralode.ForwardMode(); for "
+            "second derivatives in reverse mode use jax.jacrev(jax.jacrev(f)) "
+            "(or jax.grad of a gradient), which this adjoint supports."
+        ) from None
+
+
+def _runtime_checked_times(ts: Array) -> tuple[Array, Array | None]:
+    """Traced `ts` cannot be checked at trace time: returns `ts` (replaced by
+    harmless increasing times where invalid, so the loop stays bounded) and
+    whether they are finite and strictly monotonic; None for concrete `ts`,
+    which `check_ts` has checked already."""
+    if not isinstance(ts, jax.core.Tracer):
+        return ts, None
+    steps = jnp.diff(ts) * jnp.sign(ts[-1] - ts[0])
+    ok = jnp.all(jnp.isfinite(ts)) & jnp.all(steps > 0)
+    safe = jnp.linspace(0, 1, ts.shape[0], dtype=ts.dtype)
+    return jnp.where(ok, ts, lax.stop_gradient(safe)), ok
 
 
 def _stats_dict(stats: LoopStats) -> dict[str, Array]:
@@ -86,25 +136,40 @@ def _stats_dict(stats: LoopStats) -> dict[str, Array]:
     }
 
 
-def _prepare(f, y0, ts, args, solver, rtol, atol, dt0, max_steps, adjoint, controller):
+def _prepare(
+    f, y0, ts, args, solver, rtol, atol, dt0, max_steps, adjoint, controller, throw
+):
     """Check every input at trace time and flatten the problem."""
     ts = check_ts(ts)
     rtol, atol = check_tolerances(rtol, atol)
-    if not isinstance(controller, PIController | ConstantStepSize):
+    if not isinstance(controller, AbstractController):
         raise TypeError(
             "neuralode: controller must be PIController() or ConstantStepSize(), got "
             f"{controller!r}"
         )
-    dt0 = check_steps(solver, dt0, max_steps, isinstance(controller, PIController))
+    if not isinstance(throw, bool):
+        raise TypeError(f"neuralode: throw must be True or False, got {throw!r}")
+    dt0 = check_steps(solver, dt0, max_steps, controller.adaptive)
     if not isinstance(adjoint, AbstractAdjoint):
         raise TypeError(
             "neuralode: adjoint must be BacksolveAdjoint(), CheckpointAdjoint() or "
             f"ForwardMode(), got {adjoint!r}"
         )
     problem, params, y0_flat = make_problem(f, y0, ts[0], args)
+    if solver.adaptive and controller.adaptive:
+        check_precision(rtol, jnp.result_type(y0_flat))
     time_dtype = jnp.result_type(ts.dtype, jnp.real(y0_flat).dtype)
     ts = ts.astype(time_dtype)
-    config = SolverConfig(solver, controller, rtol, atol, dt0, int(max_steps))
+    config = SolverConfig(
+        solver,
+        controller,
+        rtol,
+        atol,
+        dt0,
+        int(max_steps),
+        time_dependent=problem.time_dependent,
+        throw=throw,
+    )
     return config, problem, params, y0_flat, ts
 
 
@@ -141,7 +206,7 @@ def backward_stats(
             f"got adjoint={adjoint!r}"
         )
     config, problem, params, y0_flat, ts = _prepare(
-        f, y0, ts, args, solver, rtol, atol, dt0, max_steps, adjoint, controller
+        f, y0, ts, args, solver, rtol, atol, dt0, max_steps, adjoint, controller, True
     )
     direction = jnp.sign(ts[-1] - ts[0])
     tau = direction * ts
