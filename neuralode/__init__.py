@@ -13,7 +13,10 @@ from ._controller import (
     ConstantStepSize as ConstantStepSize,
     PIController as PIController,
 )
-from ._failure import SolveError as SolveError
+from ._failure import (
+    SolveError as SolveError,
+    reraise_failures as reraise_failures,
+)
 from ._neural_ode import NeuralODE as NeuralODE
 from ._solution import RESULTS as RESULTS, Solution as Solution
 from ._solve import (

@@ -175,7 +175,6 @@ class PIController(AbstractController):
         # A non-finite error (NaN/inf in the trial step) shrinks the step hard.
         return jnp.where(jnp.isfinite(err), factor, self.min_factor)
 
-
     def adapt(self, outcome: StepOutcome) -> Decision:
         """Accept when valid and err <= 1; scale h by `factor`.
 

@@ -126,7 +126,8 @@ def _time_resolution_limited(t: float, h: float, time_dtype: str) -> bool:
 
 
 def failure_message(failure: Failure, max_steps: int, solver_name: str,
-                    phase: str = "", time_dtype: str = "float64") -> str:  # fmt: skip
+                    phase: str = "", time_dtype: str = "float64",
+                    time_dependent: bool = True) -> str:  # fmt: skip
     """The message of a failed solve: what happened, where, why, what to do."""
     f = failure
     code = int(f.result)
@@ -171,7 +172,12 @@ def failure_message(failure: Failure, max_steps: int, solver_name: str,
     msg = f"{head} [{solver_name}, {counts}]."
     if code not in (RESULTS.max_steps_reached, RESULTS.dt_underflow):
         return msg
-    if _time_resolution_limited(f.t_reached, f.h_last, time_dtype):
+    if np.isfinite(f.growth) and f.growth >= _BLOW_UP_GROWTH:
+        return msg + (
+            f" The state's norm grew {f.growth:.3g}-fold: the solution appears to "
+            "blow up (a finite-time singularity) near this time."
+        )
+    if time_dependent and _time_resolution_limited(f.t_reached, f.h_last, time_dtype):
         spacing = float(np.spacing(np.asarray(abs(f.t_reached), dtype=time_dtype)))
         return msg + (
             f" The step size reached the time resolution: {time_dtype} times near "
@@ -179,11 +185,6 @@ def failure_message(failure: Failure, max_steps: int, solver_name: str,
             "longer be placed at distinct times. Use float64 times "
             "(jax.config.update('jax_enable_x64', True)) or measure time from an "
             "origin nearer the solve."
-        )
-    if np.isfinite(f.growth) and f.growth >= _BLOW_UP_GROWTH:
-        return msg + (
-            f" The state's norm grew {f.growth:.3g}-fold: the solution appears to "
-            "blow up (a finite-time singularity) near this time."
         )
     if np.isfinite(f.stiffness) and f.stiffness >= _STIFF_H_LAMBDA:
         return msg + (
@@ -199,13 +200,11 @@ def failure_message(failure: Failure, max_steps: int, solver_name: str,
     return msg + " Raise max_steps, or loosen rtol/atol."
 
 
-def _raise_on_failure(*values, max_steps, solver_name, phase, time_dtype):
+def _raise_on_failure(*values, **static):
     failure = Failure(*(np.asarray(v).item() for v in values))
     if failure.result == RESULTS.successful:
         return
-    raise SolveError(
-        failure_message(failure, max_steps, solver_name, phase, time_dtype)
-    )
+    raise SolveError(failure_message(failure, **static))
 
 
 def failure_of(stats: LoopStats, direction, t0, t1) -> Failure:
@@ -236,6 +235,7 @@ def raise_if_failed(
     max_steps: int,
     solver_name: str,
     phase: str = "",
+    time_dependent: bool = True,
 ) -> Array:
     """Check a solve: raise `SolveError` at run time (under jit too) if it failed.
 
@@ -257,7 +257,7 @@ def raise_if_failed(
     """
     failure = failure_of(stats, direction, t0, t1)
     time_dtype = jnp.result_type(failure.t_reached).name
-    check = _checker(max_steps, solver_name, phase, time_dtype)
+    check = _checker(max_steps, solver_name, phase, time_dtype, time_dependent)
     try:
         return check(*failure)
     except jax.errors.JaxRuntimeError as error:
@@ -277,8 +277,9 @@ def checked(config, tree: PyTree, stats: LoopStats, direction, t0, t1,
     if config.throw:
         name = type(config.solver).__name__
         token = raise_if_failed(
-            stats, direction, t0, t1, config.max_steps, name, phase
-        )
+            stats, direction, t0, t1, config.max_steps, name, phase,
+            config.time_dependent,
+        )  # fmt: skip
         return tie(tree, token)
     ok = lax.stop_gradient(stats.result) == RESULTS.successful
     return jax.tree.map(
@@ -317,6 +318,19 @@ def _tie_jvp(primals, tangents):
     return tie(tree, token), tree_dot
 
 
+@jax.custom_jvp
+def nan_tangents_unless(x: Array, ok: Array) -> Array:
+    """x itself, with tangents (and so cotangents) NaN where `ok` is false: the
+    derivative of something computed from invalid input is flagged, never 0."""
+    return x
+
+
+@nan_tangents_unless.defjvp
+def _nan_tangents_jvp(primals, tangents):
+    x, ok = primals
+    return x, tangents[0] * jnp.where(ok, 1, jnp.nan).astype(x.dtype)
+
+
 def _first_failure(failure: Failure) -> Failure:
     """The first failing sample of a batch (axis 0), by masked sums, which
     partition into all-reductions where a gather would move the batch."""
@@ -330,13 +344,16 @@ def _first_failure(failure: Failure) -> Failure:
 
 
 @ft.cache
-def _checker(max_steps: int, solver_name: str, phase: str, time_dtype: str):
+def _checker(
+    max_steps: int, solver_name: str, phase: str, time_dtype: str, time_dependent: bool
+):
     raise_ = ft.partial(
         _raise_on_failure,
         max_steps=max_steps,
         solver_name=solver_name,
         phase=phase,
         time_dtype=time_dtype,
+        time_dependent=time_dependent,
     )
 
     def callback(*values):

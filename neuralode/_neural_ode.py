@@ -13,7 +13,7 @@ from jaxtyping import Array, ArrayLike, Float, PyTree
 
 from ._adjoint import AbstractAdjoint, BacksolveAdjoint
 from ._solution import Solution
-from ._solve import odeint, solve
+from ._solve import solve
 from ._solvers import AbstractSolver, Dopri5
 
 
@@ -65,6 +65,13 @@ def solver_options(layer: Any) -> dict[str, Any]:
     return {name: getattr(layer, name) for name in names}
 
 
+def check_throw(throw: Any) -> bool:
+    """`throw` must be a Python bool (it decides what the program contains)."""
+    if not isinstance(throw, bool):
+        raise TypeError(f"`throw` must be True or False; got {throw!r}.")
+    return throw
+
+
 @final
 class NeuralODE(eqx.Module):
     r"""A neural ODE layer: maps $y(t_0)$ to the solution $y(t_1)$ of $y' = f(t, y)$.
@@ -93,6 +100,10 @@ class NeuralODE(eqx.Module):
     - `dt0`: the initial step size, or None to select it automatically.
     - `max_steps`: the maximum number of solver steps.
     - `augment`: the number of zero channels appended to the state (default 0).
+    - `throw`: raise `SolveError` when a solve fails (default). With False the
+      failure is not raised: outputs the solve did not reach are NaN, and so is
+      the gradient of a failed solve; the compiled program then holds no host
+      callback (it can be exported with `jax.export`).
 
     **References:**
 
@@ -112,6 +123,7 @@ class NeuralODE(eqx.Module):
     dt0: float | None
     max_steps: int = eqx.field(static=True)
     augment: int = eqx.field(static=True)
+    throw: bool = eqx.field(static=True)
 
     def __init__(
         self,
@@ -126,6 +138,7 @@ class NeuralODE(eqx.Module):
         dt0: float | None = None,
         max_steps: int = 4096,
         augment: int = 0,
+        throw: bool = True,
     ):
         if not callable(field):
             raise TypeError(f"`field` must be callable; got {type(field).__name__}.")
@@ -144,6 +157,7 @@ class NeuralODE(eqx.Module):
         self.dt0 = dt0
         self.max_steps = max_steps
         self.augment = augment
+        self.throw = check_throw(throw)
 
     def _prepare(self, y0):
         if self.augment == 0:
@@ -182,7 +196,7 @@ class NeuralODE(eqx.Module):
         """
         y0 = self._prepare(y0)
         ts = jnp.asarray([self.t0, self.t1], _float_dtype(y0))
-        ys = odeint(self.field, y0, ts, args, **self._kwargs())
+        ys = solve(self.field, y0, ts, args, throw=self.throw, **self._kwargs()).ys
         return jax.tree.map(lambda y: y[-1], ys)
 
     def trajectory(
@@ -204,7 +218,7 @@ class NeuralODE(eqx.Module):
         """
         y0 = self._prepare(y0)
         ts = jnp.asarray(ts, _float_dtype(y0))
-        return odeint(self.field, y0, ts, args, **self._kwargs())
+        return solve(self.field, y0, ts, args, throw=self.throw, **self._kwargs()).ys
 
     def solve(
         self,

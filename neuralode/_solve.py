@@ -12,7 +12,7 @@ from jaxtyping import Array, ArrayLike, PyTree
 
 from ._adjoint import AbstractAdjoint, BacksolveAdjoint
 from ._controller import AbstractController, ConstantStepSize, PIController
-from ._failure import raise_if_failed, tie
+from ._failure import nan_tangents_unless, raise_if_failed, tie
 from ._integrate import LoopStats, SolverConfig
 from ._problem import (
     check_precision,
@@ -73,6 +73,7 @@ def solve(
     config, problem, params, y0_flat, ts = _prepare(
         f, y0, ts, args, solver, rtol, atol, dt0, max_steps, adjoint, controller, throw
     )
+    ts_given = ts
     ts, ts_ok = _runtime_checked_times(ts)
     (ys_flat,), stats = _loop(adjoint, config, problem, params, y0_flat, ts)
     if ts_ok is not None:
@@ -86,11 +87,17 @@ def solve(
     if throw:
         direction = jnp.sign(ts[-1] - ts[0])
         token = raise_if_failed(
-            stats, direction, ts[0], ts[-1], config.max_steps, type(solver).__name__
+            stats,
+            direction,
+            ts_given[0],
+            ts_given[-1],
+            config.max_steps,
+            type(solver).__name__,
+            time_dependent=config.time_dependent,
         )
         ys_flat = tie(ys_flat, token)
     ys = jax.vmap(problem.unravel)(ys_flat)
-    return Solution(ts=ts, ys=ys, stats=_stats_dict(stats), result=stats.result)
+    return Solution(ts=ts_given, ys=ys, stats=_stats_dict(stats), result=stats.result)
 
 
 _NO_JVP = "can't apply forward-mode autodiff (jvp) to a custom_vjp function"
@@ -124,7 +131,8 @@ def _runtime_checked_times(ts: Array) -> tuple[Array, Array | None]:
     steps = jnp.diff(ts) * jnp.sign(ts[-1] - ts[0])
     ok = jnp.all(jnp.isfinite(ts)) & jnp.all(steps > 0)
     safe = jnp.linspace(0, 1, ts.shape[0], dtype=ts.dtype)
-    return jnp.where(ok, ts, lax.stop_gradient(safe)), ok
+    ts = jnp.where(ok, nan_tangents_unless(ts, ok), lax.stop_gradient(safe))
+    return ts, ok
 
 
 def _stats_dict(stats: LoopStats) -> dict[str, Array]:

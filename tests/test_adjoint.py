@@ -399,20 +399,10 @@ def test_long_horizon_gradient_matches_reference(key):
         return jnp.sum(ys[-1] ** 2)
 
     ref = jax.grad(loss)(params, no.CheckpointAdjoint(), 1e-11)
-    fevals = {}
-    for state_error in (True, False):
-        adjoint = no.BacksolveAdjoint(state_error=state_error)
-        got = jax.grad(loss)(params, adjoint, 1e-6)
-        num = sum(float(jnp.sum((a - b) ** 2)) for a, b in zip(got, ref, strict=True))
-        den = sum(float(jnp.sum(b**2)) for b in ref)
-        assert np.sqrt(num / den) < 1e-3
-        stats = no.backward_stats(
-            field, y0, ts, params, adjoint=adjoint, rtol=1e-6, atol=1e-8,
-            max_steps=20_000,
-        )  # fmt: skip
-        fevals[state_error] = int(stats["num_fevals"])
-    # Leaving the re-anchored state out of the norm saves backward steps here.
-    assert fevals[False] < fevals[True]
+    got = jax.grad(loss)(params, no.BacksolveAdjoint(), 1e-6)
+    num = sum(float(jnp.sum((a - b) ** 2)) for a, b in zip(got, ref, strict=True))
+    den = sum(float(jnp.sum(b**2)) for b in ref)
+    assert np.sqrt(num / den) < 1e-3
 
 
 def _temp_bytes(horizon, adjoint, field, params, y0):

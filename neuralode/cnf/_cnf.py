@@ -13,8 +13,8 @@ import jax.random as jr
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
 from .._adjoint import AbstractAdjoint, BacksolveAdjoint
-from .._neural_ode import check_int, concrete_time, solver_options
-from .._solve import odeint
+from .._neural_ode import check_int, check_throw, concrete_time, solver_options
+from .._solve import solve
 from .._solvers import AbstractSolver, Dopri5
 from ..nn import ConcatSquashMLP, MLPField
 from ._trace import exact_trace, hutchinson_trace
@@ -208,6 +208,9 @@ class CNF(eqx.Module):
     - `dt0`: the initial step size, or None to select it automatically.
     - `max_steps`: the maximum number of solver steps.
     - `dim`: the data dimension $d$; taken from `field.data_size` when omitted.
+    - `throw`: raise `SolveError` when a solve fails (default). With False,
+      log densities and samples of a failed solve are NaN (and so are their
+      gradients), and the compiled program holds no host callback.
 
     **References:**
 
@@ -234,6 +237,7 @@ class CNF(eqx.Module):
     noise: str = eqx.field(static=True)
     dim: int | None = eqx.field(static=True)
     batched: bool = eqx.field(static=True)
+    throw: bool = eqx.field(static=True)
 
     def __init__(
         self,
@@ -251,6 +255,7 @@ class CNF(eqx.Module):
         max_steps: int = 4096,
         dim: int | None = None,
         batched: bool | None = None,
+        throw: bool = True,
     ):
         if not callable(field):
             raise TypeError(f"`field` must be callable; got {type(field).__name__}.")
@@ -281,6 +286,7 @@ class CNF(eqx.Module):
         self.dt0 = dt0
         self.max_steps = max_steps
         self.dim = _data_dim(field, dim)
+        self.throw = check_throw(throw)
 
     # ------------------------------------------------------------------ helpers
 
@@ -317,13 +323,9 @@ class CNF(eqx.Module):
     def _solve(self, state, ts, probe, regularize):
         field = self._row_field(state[0].shape, state[0].dtype)
         dynamics = _CNFDynamics(field, self.trace, regularize)
-        ys = odeint(
-            dynamics,
-            state,
-            ts,
-            probe,
-            **solver_options(self),
-        )
+        ys = solve(
+            dynamics, state, ts, probe, throw=self.throw, **solver_options(self)
+        ).ys
         return tuple(y[-1] for y in ys)
 
     def _probe(self, key, shape, dtype):
@@ -428,13 +430,14 @@ class CNF(eqx.Module):
         The transported points $z(t_1)$, same shape.
         """
         z, batch_shape = self._points(z0, "z0")
-        ys = odeint(
+        ys = solve(
             self._row_field(z.shape, z.dtype),
             z,
             self._times(z.dtype, False),
             None,
+            throw=self.throw,
             **solver_options(self),
-        )
+        ).ys
         return ys[-1].reshape(batch_shape + z.shape[-1:])
 
     def sample_and_log_prob(
