@@ -10,6 +10,9 @@ from ._adjoint import (
 )
 from ._checkpoint_adjoint import CheckpointAdjoint as CheckpointAdjoint
 from ._controller import (
+    AbstractController as AbstractController,
+    Decision as Decision,
+    StepOutcome as StepOutcome,
     ConstantStepSize as ConstantStepSize,
     PIController as PIController,
 )

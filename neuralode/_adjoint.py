@@ -18,10 +18,11 @@ import numpy as np
 from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 from jaxtyping import Array, PyTree
 
-from ._controller import State, rms_norm
+from ._controller import rms_norm
 from ._failure import checked
 from ._integrate import LoopStats, SolverConfig, integrate
 from ._solution import RESULTS
+from ._state import State
 
 
 def _direction_and_tau(ts: Array) -> tuple[Array, Array]:

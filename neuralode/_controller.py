@@ -1,18 +1,15 @@
 """Adaptive step-size control: error norms, the PI controller, the first step."""
 
-from __future__ import annotations
-
 import abc
 from collections.abc import Callable
 from typing import ClassVar, NamedTuple
 
 import equinox as eqx
 import jax.numpy as jnp
+from equinox import AbstractClassVar
 from jaxtyping import Array, Bool, Float
 
-State = tuple[Array, ...]
-"""The solver state: a tuple of flat vectors (one for a plain solve; the state,
-adjoint and parameter integrals for the backward pass of an adjoint)."""
+from ._state import State
 
 
 def _real_dtype(x: State):
@@ -106,7 +103,7 @@ class AbstractController(eqx.Module):
     reaches the controller through `StepOutcome`.
     """
 
-    adaptive: eqx.AbstractClassVar[bool]
+    adaptive: AbstractClassVar[bool]
 
     @abc.abstractmethod
     def adapt(self, outcome: StepOutcome) -> Decision:

@@ -12,7 +12,6 @@ kernel count and dispatch cost down, which is what a small system's step costs.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import NamedTuple
 
 import equinox as eqx
@@ -25,7 +24,6 @@ from . import _interpolation as interp
 from ._controller import (
     AbstractController,
     ConstantStepSize,
-    State,
     StepOutcome,
     error_scale,
     initial_step,
@@ -36,9 +34,8 @@ from ._controller import (
 )
 from ._solution import RESULTS
 from ._solvers import AbstractSolver
+from ._state import FlatField, State
 from ._stiffness import stiffness_at_failure
-
-FlatField = Callable[[Array, State], State]
 
 
 class SolverConfig(eqx.Module):

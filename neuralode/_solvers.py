@@ -1,19 +1,15 @@
 """Explicit Runge–Kutta solvers: one generic step driven by a Butcher tableau."""
 
-from __future__ import annotations
-
-from collections.abc import Callable
 from typing import ClassVar, NamedTuple
 
 import equinox as eqx
 import jax.numpy as jnp
+from equinox import AbstractClassVar
 from jaxtyping import Array
 
 from . import _interpolation as interp, _tableaus as tableaus
+from ._state import FlatField, State
 from ._tableaus import ButcherTableau
-
-State = tuple[Array, ...]
-FlatField = Callable[[Array, State], State]
 
 
 class StepResult(NamedTuple):
@@ -86,8 +82,8 @@ class AbstractSolver(eqx.Module):
     cubic Hermite interpolant, `"linear"` straight lines).
     """
 
-    tableau: ClassVar[ButcherTableau]
-    interpolation: ClassVar[str]
+    tableau: AbstractClassVar[ButcherTableau]
+    interpolation: AbstractClassVar[str]
 
     @property
     def order(self) -> int:

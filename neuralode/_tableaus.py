@@ -31,7 +31,8 @@ class ButcherTableau:
     - `order`: the order of the propagated solution.
     - `error_order`: the order of the embedded solution (None without one).
     - `dense`: (stages, degree) coefficients of the dense-output weights, or
-      None to use Hermite cubic interpolation.
+      None for a method without a continuous extension (its solver then
+      interpolates by Hermite cubics, or linearly for Euler).
     """
 
     c: np.ndarray
@@ -44,17 +45,30 @@ class ButcherTableau:
 
     def __post_init__(self):
         s = len(self.c)
-        assert self.a.shape == (s, s) and self.b.shape == (s,)
-        assert np.allclose(np.tril(self.a, -1), self.a), "A must be explicit"
-        assert np.allclose(self.a.sum(axis=1), self.c, atol=1e-14), "rows of A != c"
-        assert abs(self.b.sum() - 1.0) < 1e-14, "sum(b) != 1"
-        if self.b_error is not None:
-            assert abs(self.b_error.sum()) < 1e-14, "sum(b_error) != 0"
-        if self.dense is not None:
-            assert self.dense.shape[0] == s
-            assert np.allclose(self.dense.sum(axis=1), self.b, atol=1e-12), (
-                "dense output at theta=1 does not reproduce b"
-            )
+        checks = [
+            (
+                self.a.shape == (s, s) and self.b.shape == (s,),
+                f"a must be ({s}, {s}) and b ({s},) for {s} nodes c",
+            ),
+            (np.allclose(np.tril(self.a, -1), self.a), "a must be strictly lower"),
+            (np.allclose(self.a.sum(axis=1), self.c, atol=1e-14), "rows of a != c"),
+            (abs(self.b.sum() - 1.0) < 1e-14, "sum(b) != 1"),
+            (
+                self.b_error is None or abs(self.b_error.sum()) < 1e-14,
+                "sum(b_error) != 0",
+            ),
+            (
+                self.dense is None
+                or (
+                    self.dense.shape[0] == s
+                    and np.allclose(self.dense.sum(axis=1), self.b, atol=1e-12)
+                ),
+                "dense output at theta=1 does not reproduce b",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"ButcherTableau: {message}")
 
     @property
     def num_stages(self) -> int:

@@ -144,7 +144,13 @@ if NDEV > 1:
     except Exception as e:
         out["throw_message"] = str(e)[-300:]
 
-    # 6. Positive control: a host callback on the sharded state inside a loop
+    # 6. Per-sample solves under plain jax.jit of jax.vmap on the sharded batch:
+    # the per-sample failure codes are reduced to the first failure by
+    # collectives before the host check, so nothing is gathered (no warning).
+    vmapped = eqx.filter_jit(jax.vmap(one, in_axes=(None, 0), out_axes=1))
+    out["jit_vmap"] = arrays(vmapped(field, y0))
+
+    # 7. Positive control: a host callback on the sharded state inside a loop
     # must produce the warning, so that its absence above means something.
     print("@@@CONTROL@@@", file=sys.stderr, flush=True)
 
@@ -213,6 +219,7 @@ def test_sharded_solves_equal_unsharded(runs):
     _close(four["shared"], one["shared"])
     assert four["shared_steps"] == one["shared_steps"]
     _close(four["vmap"], one["vmap"])
+    _close(four["jit_vmap"], one["vmap"])
     # Outputs keep the batch sharding: ys has shape (len(ts), batch, d).
     assert four["shared_spec"] and four["vmap_spec"]
 
