@@ -27,6 +27,8 @@ PROBLEM_NAMES: tuple[str, ...] = (
     "mem-T1",
     "mem-T10",
     "mem-T100",
+    "nc-T10",
+    "nc-T100",
 )
 
 #: The subset run by ``--quick`` (with only the first variant of each library).
@@ -40,6 +42,9 @@ GROUP_NOTES: dict[str, str] = {
     "mlp-grad": "gradient through the solve (adjoints)",
     "cnf": "continuous normalizing flow, exact trace",
     "mem-scaling": "gradient at long horizons (contracting flow)",
+    "non-contracting": "gradient at long horizons (non-contracting flow): every "
+    "adjoint against the exact discrete gradient; a refusal is a correct outcome, "
+    "a wrong gradient is not",
 }
 
 
@@ -229,5 +234,23 @@ def get_problem(name: str, quick: bool = False) -> Problem:
             max_steps=4096,
             description=f"∇ of Σ y(T)² at T={horizon:g}, batch ({batch}, 2), "
             f"MLP 2→{width}→{width}→2 tanh with a contracting flow, float32",
+        )
+    if name.startswith("nc-T"):
+        horizon = float(name.removeprefix("nc-T"))
+        return Problem(
+            name=name,
+            group="non-contracting",
+            kind="grad",
+            field="mlp",
+            dtype="float32",
+            y0=_normal((batch, 2), seed=8),
+            ts=np.array([0.0, horizon]),
+            params=mlp_layers([2, width, width, 2], gain=4.5, seed=0),
+            rtol=1e-6,
+            atol=1e-8,
+            max_steps=16384,
+            description=f"∇ of Σ y(T)² at T={horizon:g}, batch ({batch}, 2), "
+            f"MLP 2→{width}→{width}→2 tanh (gain 4.5), a flow that does not "
+            "contract, float32",
         )
     raise KeyError(f"unknown problem {name!r}; known: {', '.join(PROBLEM_NAMES)}")

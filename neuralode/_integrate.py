@@ -2,12 +2,15 @@
 
 One loop iteration is one trial step. The state is a tuple of flat vectors
 (the user's pytree flattened once into one; an adjoint's state, adjoint and
-parameter integral kept apart), and time runs forwards (τ, see `_problem`).
-Every attempt stores its step's interpolation data in the slot of the first
-output not yet covered; the outputs are evaluated after the loop. A small state
-with many outputs steps in chunks of slots (`output_chunk`), and the loop's
-scalars travel packed (`_packed_while_loop`): both keep XLA:CPU's per-step
-kernel count and dispatch cost down, which is what a small system's step costs.
+parameter integral kept apart), and time runs forwards (τ, see `_problem`),
+measured from the first output time. The controller decides each step
+(`AbstractController.adapt`). Every attempt stores its step's interpolation
+data in the slot of the first output not yet covered; the outputs are read
+after the loop (`_dense_output`). A small state with many outputs steps in
+chunks of slots, and the loop's scalars travel packed (`_packed_loop`): both
+keep XLA:CPU's per-step kernel count and dispatch cost down, which is what a
+small system's step costs. `CheckpointAdjoint`'s record of the accepted steps
+is `_step_record`.
 """
 
 from __future__ import annotations
@@ -15,12 +18,10 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import equinox as eqx
-import jax
 import jax.lax as lax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from . import _interpolation as interp
 from ._controller import (
     AbstractController,
     ConstantStepSize,
@@ -32,9 +33,19 @@ from ._controller import (
     squares,
     weighted,
 )
+from ._dense_output import chunked_loop, output_chunk, read_outputs
+from ._packed_loop import packed_while_loop
 from ._solution import RESULTS
 from ._solvers import AbstractSolver
 from ._state import FlatField, State
+
+# StepRecord, kept_slots and thinned_stride are re-exported for the adjoints.
+from ._step_record import (
+    StepRecord as StepRecord,
+    kept_slots as kept_slots,
+    thinned_stride as thinned_stride,
+    thinning_loop,
+)
 from ._stiffness import stiffness_at_failure
 
 
@@ -292,38 +303,6 @@ class _ForwardState(NamedTuple):
     base: Array
 
 
-class StepRecord(NamedTuple):
-    """The accepted steps of a solve: step k runs from `times[k]` to
-    `times[k + 1]`; `count` steps are valid.
-
-    `y_starts[·][j]` is the start state of step j·`stride`, for j·stride <
-    count. With B slots the stride starts at 1 and doubles whenever the solve
-    reaches step B·stride, keeping every other state (see `thinned_stride`);
-    a thinning record has one more slot, where the steps not kept are written.
-    """
-
-    y_starts: tuple[Array, ...]
-    stride: Array
-    times: Array
-    count: Array
-
-
-def kept_slots(requested: int | None, max_steps: int) -> int:
-    """How many start states a `StepRecord` keeps: `requested`, at most (and
-    by default) `max_steps`, where it keeps every step."""
-    return min(requested or max_steps, max_steps)
-
-
-def thinned_stride(slots: int, max_steps: int) -> int:
-    """The largest stride a record of `slots` (>= 2) slots reaches in
-    `max_steps` steps: it doubles from S to 2S at step `slots·S` (1 when the
-    slots hold every step)."""
-    stride = 1
-    while slots * stride <= max_steps - 1:
-        stride *= 2
-    return stride
-
-
 def first_step(
     config: SolverConfig,
     f: FlatField,
@@ -362,62 +341,6 @@ def first_step(
         return automatic()
     h0 = lax.stop_gradient(h0).astype(t0.dtype)
     return lax.cond(h0 > 0, lambda: (h0, zero), automatic)
-
-
-def _read_outputs(
-    final: _ForwardState, slots, slot_times, out_steps, tau_out, t0, y0
-) -> tuple[State, Array | None]:
-    """Evaluate each output from the slot of the step that covered it.
-
-    Output times equal to t0 are y0 exactly, the last one (when reached) is the
-    final state exactly, and outputs the solve never reached are NaN.
-    """
-    n_out = tau_out.shape[0]
-    index = jnp.arange(n_out, dtype=jnp.int32)
-    owner = lax.cummax(jnp.where(slot_times[:, 1] != 0, index, 0))
-    start, h = slot_times[owner, 0], slot_times[owner, 1]
-    theta = ((tau_out - start) / jnp.where(h != 0, h, 1)).astype(jnp.real(y0[0]).dtype)
-    reached = index < final.out_index
-    last = (index == n_out - 1)[:, None] & reached[-1]
-    at_start = (tau_out == t0)[:, None]
-    ys = []
-    # Without slots (no output inside the span) every output is at t0 or the end.
-    slots_or_none = slots or (None,) * len(y0)
-    for coeffs, y_final, y_first in zip(slots_or_none, final.y, y0, strict=True):
-        if coeffs is None:
-            leaf = jnp.full((n_out,) + y_final.shape, jnp.nan, y_final.dtype)
-        else:
-            data = [c[owner] for c in coeffs]
-            leaf = jax.vmap(interp.evaluate)(data[0], jnp.stack(data[1:], 1), theta)
-            leaf = jnp.where(reached[:, None], leaf, jnp.nan)
-        leaf = jnp.where(last, y_final, leaf)
-        ys.append(jnp.where(at_start, y_first, leaf))
-    ys = tuple(ys)
-    return ys, None if out_steps is None else out_steps[owner]
-
-
-#: XLA:CPU runs a loop body's kernels one after another, without building a
-#: dependency graph, only when every buffer they touch is at most this many
-#: bytes (its ThunkExecutor's default threshold; measured: a Dopri5 loop on a
-#: 2-vector runs 2.6x slower once a 528-byte buffer joins its body).
-SMALL_BUFFER_BYTES = 512
-
-
-def output_chunk(y0: State, n_out: int, dense_output: bool, record_steps: bool):
-    """How many output slots the step loop keeps at a time, or None for all.
-
-    A small state with many outputs steps in an inner loop whose slot buffers
-    stay under `SMALL_BUFFER_BYTES`; an outer loop copies each finished chunk
-    of slots into the full buffers. Large states, or few outputs, gain nothing.
-    """
-    if not dense_output or record_steps:
-        return None
-    leaf_bytes = max(leaf.size * leaf.dtype.itemsize for leaf in y0)
-    # Slot times hold (start, size) pairs of up to 16 bytes.
-    chunk = min(SMALL_BUFFER_BYTES // max(leaf_bytes, 1), SMALL_BUFFER_BYTES // 16)
-    if chunk < 8 or n_out - 1 <= chunk:
-        return None
-    return chunk
 
 
 def _stiffness(config, f, final: _ForwardState, diagnose: bool) -> Array:
@@ -618,14 +541,14 @@ def integrate(
         base=zero,
     )
     if thinning:
-        final = _thinning_loop(running, body, init, n_record)
+        final = thinning_loop(running, body, init, n_record)
         buffers = (final.slots, final.slot_times, final.out_steps)
     elif chunk is None:
-        final = _packed_while_loop(running, body, init)
+        final = packed_while_loop(running, body, init)
         buffers = (final.slots, final.slot_times, final.out_steps)
     else:
-        final, buffers = _chunked_loop(running, body, init, tau_out, chunk)
-    ys, output_steps = _read_outputs(final, *buffers, tau_out, t0, y0)
+        final, buffers = chunked_loop(running, body, init, tau_out, chunk)
+    ys, output_steps = read_outputs(final, *buffers, tau_out, t0, y0)
     stats = LoopStats(
         num_steps=final.num_steps,
         num_accepted=final.num_accepted,
@@ -648,108 +571,3 @@ def integrate(
         )
         return ys, stats, record
     return ys, stats
-
-
-def _packed_while_loop(cond, body, init: _ForwardState) -> _ForwardState:
-    """`lax.while_loop` with the state's scalars carried as one vector per dtype
-    (flags with the int32 counters) and each leaf of y stacked with its f0.
-
-    XLA:CPU computes each loop output in its own kernel; packed, the scalar
-    bookkeeping of a step (time, step size, counters, result) is a handful of
-    kernels instead of one each, which is most of a small state's step cost.
-    """
-    fields = init._asdict()
-    names = [n for n, v in fields.items() if isinstance(v, jax.Array) and v.ndim == 0]
-    carried = lambda dtype: jnp.dtype(jnp.int32) if dtype == jnp.bool_ else dtype
-    groups: dict = {}
-    for name in names:
-        groups.setdefault(carried(fields[name].dtype), []).append(name)
-
-    def pack(state: _ForwardState):
-        values = state._asdict()
-        vectors = tuple(
-            jnp.stack([values[n].astype(dtype) for n in members])
-            for dtype, members in groups.items()
-        )
-        # Each leaf of y with its f0, so that both are one loop output.
-        y_f0 = tuple(jnp.stack(pair) for pair in zip(state.y, state.f0, strict=True))
-        rest = state._replace(**dict.fromkeys(names), y=None, f0=None)
-        return vectors, y_f0, rest
-
-    def unpack(carry) -> _ForwardState:
-        vectors, y_f0, rest = carry
-        values = {}
-        for vector, members in zip(vectors, groups.values(), strict=True):
-            for i, name in enumerate(members):
-                values[name] = vector[i].astype(fields[name].dtype)
-        y = tuple(pair[0] for pair in y_f0)
-        f0 = tuple(pair[1] for pair in y_f0)
-        return rest._replace(**values, y=y, f0=f0)
-
-    final = lax.while_loop(
-        lambda carry: cond(unpack(carry)),
-        lambda carry: pack(body(unpack(carry))),
-        pack(init),
-    )
-    return unpack(final)
-
-
-def _thinning_loop(running, body, init: _ForwardState, slots: int):
-    """The step loop, stopping whenever step k = slots·stride is due to be
-    kept: then the record keeps every other state and the stride doubles."""
-
-    def outer_body(state: _ForwardState) -> _ForwardState:
-        room = lambda s: running(s) & (s.num_accepted < slots * s.stride)
-        state = _packed_while_loop(room, body, state)
-        full = running(state)
-        half = (slots + 1) // 2
-        starts = tuple(
-            jnp.where(full, buffer.at[:half].set(buffer[: 2 * half : 2]), buffer)
-            for buffer in state.step_starts
-        )
-        stride = jnp.where(full, 2 * state.stride, state.stride)
-        return state._replace(step_starts=starts, stride=stride)
-
-    return _packed_while_loop(running, outer_body, init)
-
-
-def _chunked_loop(running, body, init: _ForwardState, tau_out, chunk: int):
-    """The step loop in chunks of `chunk` outputs: an inner loop steps until
-    every slot of its chunk is covered, an outer one stores each chunk.
-
-    `init` holds one chunk's zeroed slot buffers. Full buffers get `chunk`
-    slots of padding, so a chunk written at any base fits without clamping.
-    """
-    n_out = tau_out.shape[0]
-    pad = lambda buffer: jnp.zeros((n_out + chunk,) + buffer.shape[1:], buffer.dtype)
-    local = (init.slots, init.slot_times, init.out_steps)
-    full = jax.tree.map(pad, local)
-    padded_times = jnp.concatenate([tau_out, jnp.full(chunk, jnp.inf, tau_out.dtype)])
-
-    def inner_running(state: _ForwardState) -> Array:
-        return running(state) & (state.out_index < state.base + chunk)
-
-    def outer_body(carry):
-        state, full = carry
-        base = state.out_index
-        state = state._replace(
-            window=lax.dynamic_slice_in_dim(padded_times, base, chunk),
-            base=base,
-            slot_times=jnp.zeros_like(state.slot_times),
-        )
-        state = _packed_while_loop(inner_running, body, state)
-        local = (state.slots, state.slot_times, state.out_steps)
-        full = jax.tree.map(
-            lambda buffer, part: lax.dynamic_update_slice_in_dim(buffer, part, base, 0),
-            full,
-            local,
-        )
-        # A step past the chunk's last output covers outputs beyond the window.
-        out_index = jnp.searchsorted(tau_out, state.t, side="right", method="scan")
-        return state._replace(out_index=out_index.astype(jnp.int32)), full
-
-    init = init._replace(window=padded_times[:chunk])
-    state, full = lax.while_loop(
-        lambda carry: running(carry[0]), outer_body, (init, full)
-    )
-    return state, jax.tree.map(lambda buffer: buffer[:n_out], full)

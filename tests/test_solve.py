@@ -307,7 +307,7 @@ def test_chunked_dense_output_equals_one_loop(monkeypatch, n_out):
     """A small state with many outputs steps in chunks of output slots (see
     `output_chunk`). Outputs, steps and per-output step counts equal those of
     the single loop, also when one step covers more outputs than a chunk has."""
-    from neuralode import _integrate
+    from neuralode import _dense_output, _integrate
 
     a = jnp.array([[-0.1, 2.0], [-2.0, -0.1]])
     f = lambda t, y: (a @ y[0],)
@@ -316,7 +316,7 @@ def test_chunked_dense_output_equals_one_loop(monkeypatch, n_out):
     )
     y0 = (jnp.array([1.0, 0.0]),)
     ts = jnp.linspace(0.0, 10.0, n_out)
-    chunk = _integrate.output_chunk(y0, n_out, True, False)
+    chunk = _dense_output.output_chunk(y0, n_out, True, False)
     assert chunk is not None and chunk < n_out - 1
 
     def run():
@@ -326,8 +326,8 @@ def test_chunked_dense_output_equals_one_loop(monkeypatch, n_out):
         return jax.jit(solve)(y0)
 
     (ys,), stats = run()
-    monkeypatch.setattr(_integrate, "SMALL_BUFFER_BYTES", 0)
-    assert _integrate.output_chunk(y0, n_out, True, False) is None
+    monkeypatch.setattr(_dense_output, "SMALL_BUFFER_BYTES", 0)
+    assert _dense_output.output_chunk(y0, n_out, True, False) is None
     (ys_one,), stats_one = run()
     exact = jax.vmap(lambda t: jax.scipy.linalg.expm(a * t) @ y0[0])(ts)
     assert np.max(np.abs(ys - exact)) < 1e-5
