@@ -16,6 +16,7 @@ to resume from have been checked: an --out that holds another run needs
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 
@@ -38,6 +39,15 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"  t={float(t):5.1f}  x={float(y[0]): .6f}  v={float(y[1]): .6f}")
     print(f"  stats: { {k: int(v) for k, v in sol.stats.items()} }")
     return 0
+
+
+#: What `python -m neuralode` needs beyond `import neuralode` (the extra
+#: `experiments` in pyproject.toml), by import name.
+EXPERIMENT_DEPENDENCIES = ("optax", "tqdm", "matplotlib", "sklearn")
+
+
+def _missing_experiment_dependencies() -> list[str]:
+    return [n for n in EXPERIMENT_DEPENDENCIES if importlib.util.find_spec(n) is None]
 
 
 def _build_parser() -> tuple[argparse.ArgumentParser, dict]:
@@ -83,6 +93,14 @@ def main(argv: list[str] | None = None) -> int:
     known, _ = pre.parse_known_args(argv)
     _force_host_devices(known.devices)
 
+    missing = _missing_experiment_dependencies()
+    if missing:
+        print(
+            "neuralode: the experiments command needs the 'experiments' extra "
+            f"(missing: {', '.join(missing)}): pip install 'neuralode[experiments]'",
+            file=sys.stderr,
+        )
+        return 2
     parser, subparsers = _build_parser()
     args = parser.parse_args(argv)
     if args.command == "demo":

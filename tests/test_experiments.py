@@ -375,3 +375,17 @@ def test_an_interrupted_write_keeps_the_previous_file(tmp_path, monkeypatch, sav
     monkeypatch.undo()
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp file left
+
+
+def test_missing_experiment_dependencies_are_named(monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "tqdm" else real(name, *a),
+    )
+    assert main(["digits", "--quick"]) == 2
+    err = capsys.readouterr().err
+    assert "missing: tqdm" in err and "neuralode[experiments]" in err

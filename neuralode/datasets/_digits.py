@@ -26,7 +26,13 @@ class Digits(NamedTuple):
 
 @functools.cache
 def _load() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:
+        raise ImportError(
+            "neuralode.datasets.digits needs scikit-learn (it ships the data): "
+            "pip install 'neuralode[experiments]'"
+        ) from e
 
     data = load_digits()
     x = (np.asarray(data.data, np.float64) / 16.0).astype(np.float32)
