@@ -8,7 +8,7 @@ by replaying its stored steps; `ForwardMode` has no custom rule at all.
 from __future__ import annotations
 
 import abc
-from typing import Any
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
@@ -39,14 +39,16 @@ class AbstractAdjoint(eqx.Module):
         config: SolverConfig,
         problem: Any,
         params: PyTree,
-        y0: Array,
+        y0: State,
         ts: Array,
         h0: Array | None = None,
-    ) -> tuple[Array, LoopStats]:
-        """Solve the flat problem from ts[0] to ts[-1]: (ys_flat, stats).
+    ) -> tuple[State, LoopStats]:
+        """Solve the flat problem from ts[0] to ts[-1]: (ys, stats).
 
-        `problem.f_flat(τ, y, params, direction)` is the flat field in the loop's
-        increasing time τ = direction·t; `h0 > 0` overrides the first step.
+        `y0` is a tuple of flat vectors (see `State`) and `ys` the same tuple
+        with a leading axis of len(ts). `problem.f_flat(τ, y, params,
+        direction)` is the flat field in the loop's increasing time
+        τ = direction·t; `h0 > 0` overrides the first step.
         """
 
 
@@ -273,6 +275,18 @@ def state_drift(
     scale = a_max * (atol + rtol * rms_norm(z_stored))
     drift = rms_norm(weighted) / jnp.maximum(scale, jnp.finfo(scale.dtype).tiny)
     return jnp.where(jnp.isnan(drift), jnp.inf, drift)
+
+
+class BackwardState(NamedTuple):
+    """The carry of BacksolveAdjoint's backward pass over the grid intervals."""
+
+    z: State  # the state at grid[pos] (the stored forward one)
+    a: State  # the adjoint there, output cotangents included
+    g: State  # the parameter integral so far, one vector per parameter leaf
+    pos: Array  # the grid index reached
+    h: Array  # the last step size, for the next interval's first step
+    stats: LoopStats  # the backward solves' counts, failure and largest drift
+    a_max: Array  # the largest RMS norm of a so far (weighs the drift)
 
 
 class AdjointProblem(eqx.Module):
@@ -529,7 +543,7 @@ class BacksolveAdjoint(AbstractAdjoint):
         inner = BacksolveAdjoint(self.rtol, self.atol, self.seminorm, 0)
         at = lambda leaves, k: tuple(leaf[k] for leaf in leaves)
 
-        def solve_to(k, carry):
+        def solve_to(k, carry: BackwardState) -> BackwardState:
             """From the current grid point back to grid[k], then reset z there."""
             z, a, g, pos, h, stats, a_max = carry
             state = (*z, *a, *g_zero)
@@ -573,7 +587,7 @@ class BacksolveAdjoint(AbstractAdjoint):
             )
             g = tuple(x + y for x, y in zip(g, end[2 * m :], strict=True))
             a_max = jnp.maximum(a_max, lax.stop_gradient(rms_norm(a)))
-            return z_stored, a, g, k.astype(jnp.int32), h, stats, a_max
+            return BackwardState(z_stored, a, g, k.astype(jnp.int32), h, stats, a_max)
 
         def interval(i, carry):
             k = (last - 1 - i).astype(jnp.int32)
@@ -586,11 +600,12 @@ class BacksolveAdjoint(AbstractAdjoint):
             zero, zero, zero, zero, -grid[last], nan, nan, drift=jnp.zeros((), real)
         )
         seed = at(ys_grid_bar, last)
-        init = (
+        init = BackwardState(
             at(ys_grid, last), seed, g_zero, last + zero, jnp.zeros((), tau.dtype),
             stats0, lax.stop_gradient(rms_norm(seed)).astype(real),
         )  # fmt: skip
-        _, a, g, _, _, stats, _ = lax.fori_loop(0, last, interval, init)
+        final = lax.fori_loop(0, last, interval, init)
+        a, g, stats = final.a, final.g, final.stats
         lost = (stats.result == RESULTS.successful) & (stats.drift > MAX_DRIFT)
         stats = stats._replace(
             result=jnp.where(lost, RESULTS.adjoint_drift, stats.result).astype(

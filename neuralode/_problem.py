@@ -1,9 +1,10 @@
 """Turning a user's call into a flat, pure problem, with trace-time checks.
 
 The solver loop works on one flat vector y and a pure vector field
-``f_flat(τ, y, params)`` whose every traced input is explicit in ``params``:
-the user's `args`, the array leaves of an `equinox.Module` field, and any traced
-arrays the field closes over (found with `jax.closure_convert`). Time runs
+``f_flat(τ, (y,), params, direction)`` whose every traced input is explicit in
+``params``: the user's `args`, the array leaves of an `equinox.Module` field,
+and any traced arrays the field closes over (found with `jax.closure_convert`);
+non-numeric leaves of `args` stay static. Time runs
 forwards inside the loop: τ = d·t with direction d = sign(t_last - t_first), and
 the field becomes d·f(d·τ, y, args).
 """
