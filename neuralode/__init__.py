@@ -11,10 +11,10 @@ from ._adjoint import (
 from ._checkpoint_adjoint import CheckpointAdjoint as CheckpointAdjoint
 from ._controller import (
     AbstractController as AbstractController,
-    Decision as Decision,
-    StepOutcome as StepOutcome,
     ConstantStepSize as ConstantStepSize,
+    Decision as Decision,
     PIController as PIController,
+    StepOutcome as StepOutcome,
 )
 from ._failure import (
     SolveError as SolveError,
@@ -40,4 +40,7 @@ from ._solvers import (
 from ._tableaus import ButcherTableau as ButcherTableau
 from .cnf import CNF as CNF
 
-__version__ = importlib.metadata.version("neuralode")
+try:
+    __version__ = importlib.metadata.version("neuralode")
+except importlib.metadata.PackageNotFoundError:  # a source checkout, not installed
+    __version__ = "0+unknown"

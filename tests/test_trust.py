@@ -62,9 +62,9 @@ def _gradients(field, y0, ts, args, adjoints, **kwargs):
     out = {}
     for adjoint in adjoints:
         try:
-            out[type(adjoint).__name__] = jax.jit(jax.grad(loss), static_argnums=1)(
-                args, adjoint
-            )
+            with no.reraise_failures():
+                grad = jax.jit(jax.grad(loss), static_argnums=1)(args, adjoint)
+            out[type(adjoint).__name__] = grad
         except no.SolveError as e:
             out[type(adjoint).__name__] = e
     return out
