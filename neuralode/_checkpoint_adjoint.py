@@ -2,8 +2,10 @@
 its steps, in bounded memory, with reverse-over-reverse (gradients of gradients)
 support.
 
-Write the accepted steps as y_{k+1} = Φ_k(y_k, θ) (Φ_k one Runge–Kutta step
-from t_k to t_{k+1}; the step sizes are not differentiated). Three pieces, each
+Write the accepted steps as y_{k+1} = Φ_k(y_k, θ; t_k, t_{k+1}) (one
+Runge–Kutta step; the step sizes are not differentiated, but t_0 = τ_0 and
+t_N = τ_N are the first and last output times, and output i inside step k sits
+at the fraction θ_i = (τ_i - t_k)/(t_{k+1} - t_k) of it). Three pieces, each
 with a rule that JAX can differentiate once more:
 
 1. the solve, (y0, θ) ↦ (outputs, Y), Y the start states of every S-th step
@@ -17,14 +19,16 @@ with a rule that JAX can differentiate once more:
    over all N states, recomputed by D (`_densify`):
 3. a forward tangent sweep: with cotangents (c, d) of (a_0, g), b_0 = c,
    b_{k+1} = Φ_k'·(b_k, d) (one JVP per step), the cotangent of Ȳ_k is b_k and
-   those of y_k and θ are ∇_{y,θ} ⟨a_{k+1}, Φ_k'(y_k, θ)·(b_k, d)⟩; D's own
-   rule hands the y_k cotangents back to the kept states.
+   those of y_k, θ and t_k, t_{k+1} are ∇ ⟨a_{k+1}, Φ_k'(y_k, θ)·(b_k, d)⟩;
+   D's own rule hands the y_k cotangents back to the kept states. Through the
+   times and the fractions θ_i, a_0 (hence ∂L/∂τ_0 = -a_0·f(τ_0, y_0)) moves
+   with the output times.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
@@ -32,6 +36,7 @@ import jax.lax as lax
 import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
+from jaxtyping import PyTree
 
 from . import _interpolation as interp
 from ._adjoint import (
@@ -49,7 +54,30 @@ from ._adjoint import (
 from ._controller import State
 from ._integrate import StepRecord, _where, integrate, kept_slots, thinned_stride
 
-StepFn = Callable[[State, jax.Array, jax.Array, jax.Array], tuple[State, State]]
+
+class _Step(eqx.Module):
+    """Φ(y, θ; t, t_new) -> (y1, interpolation coefficients): one Runge–Kutta
+    step of the problem, θ its flat inexact parameters.
+
+    A pytree whose leaves are the arrays it needs besides θ (the direction and
+    the parameters' other arrays), so that the sweeps' custom_vjps take it as
+    an argument: closed over, such an array would leak as a tracer when a
+    jitted gradient is differentiated again.
+    """
+
+    problem: Any = eqx.field(static=True)
+    solver: Any = eqx.field(static=True)
+    # (θ, arrays) -> the problem's parameters.
+    params: Callable = eqx.field(static=True)
+    arrays: PyTree
+    direction: jax.Array
+    dense: bool = eqx.field(static=True)
+
+    def __call__(self, y: State, theta, t, t_new) -> tuple[State, State | None]:
+        p = self.params(theta, self.arrays)
+        f = lambda s, x: self.problem.f_flat(s, x, p, self.direction)
+        result = self.solver.step(f, t, y, f(t, y), t_new - t, dense=self.dense)
+        return result.y1, result.dense
 
 
 def _add(a: State, b: State) -> State:
@@ -67,17 +95,40 @@ def _put(buffers: State, k, values: State) -> State:
     )
 
 
-def _reverse_sweep(step: StepFn, state_cotangents: bool) -> Callable:
-    """S(Y, θ, Ȳ, ȳ_N, times, count) -> (a_0, g), as a custom_vjp (module doc).
+class _TangentSweep(NamedTuple):
+    """The carry of `_reverse_sweep`'s rule at step k: the tangent b_k and the
+    cotangents accumulated so far."""
+
+    k: jax.Array
+    b: State
+    ys_cot: State
+    theta_cot: jax.Array
+    times_cot: jax.Array
+    ys_bar_cot: State | None
+
+
+def _span(times: jax.Array, k) -> jax.Array:
+    """(t_k, t_{k+1})."""
+    return lax.dynamic_slice_in_dim(times, k, 2)
+
+
+def _add_span(times_bar: jax.Array, k, span_bar: jax.Array) -> jax.Array:
+    """`times_bar` with the cotangent of (t_k, t_{k+1}) added."""
+    span_bar = _span(times_bar, k) + span_bar
+    return lax.dynamic_update_slice_in_dim(times_bar, span_bar, k, 0)
+
+
+def _reverse_sweep(state_cotangents: bool) -> Callable:
+    """S(Φ, Y, θ, Ȳ, ȳ_N, times, count) -> (a_0, g), as a custom_vjp (module
+    doc).
 
     Without `state_cotangents` the argument Ȳ is None (first-order use, where
     nothing differentiates the stored states), and no buffer of zeros is read.
+    The times get cotangents like y_k and θ: ∇_{t_k, t_{k+1}} of
+    ⟨a_{k+1}, Φ_k'·(b_k, d)⟩.
     """
 
-    def end_state(y, theta, k, times):
-        return step(y, theta, times[k], times[k + 1])[0]
-
-    def run(ys, theta, ys_bar, seed, times, count, store: bool):
+    def run(step, ys, theta, ys_bar, seed, times, count, store: bool):
         """The sweep; with `store`, also the adjoints a_{k+1} entering each step."""
 
         def body(carry):
@@ -85,7 +136,7 @@ def _reverse_sweep(step: StepFn, state_cotangents: bool) -> Callable:
             if store:
                 adjoints = _put(adjoints, k, a)
             _, vjp = jax.vjp(
-                lambda y, th: end_state(y, th, k, times), _at(ys, k), theta
+                lambda y, th: step(y, th, times[k], times[k + 1])[0], _at(ys, k), theta
             )
             a_y, a_theta = vjp(a)
             if state_cotangents:
@@ -98,45 +149,54 @@ def _reverse_sweep(step: StepFn, state_cotangents: bool) -> Callable:
         return a0, g, adjoints
 
     @jax.custom_vjp
-    def sweep(ys, theta, ys_bar, seed, times, count):
-        a0, g, _ = run(ys, theta, ys_bar, seed, times, count, store=False)
+    def sweep(step, ys, theta, ys_bar, seed, times, count):
+        a0, g, _ = run(step, ys, theta, ys_bar, seed, times, count, store=False)
         return a0, g
 
-    def fwd(ys, theta, ys_bar, seed, times, count):
-        a0, g, adjoints = run(ys, theta, ys_bar, seed, times, count, store=True)
-        return (a0, g), (ys, theta, adjoints, times, count)
+    def fwd(step, ys, theta, ys_bar, seed, times, count):
+        a0, g, adjoints = run(step, ys, theta, ys_bar, seed, times, count, store=True)
+        return (a0, g), (step, ys, theta, adjoints, times, count)
 
     def bwd(residuals, cotangents):
-        ys, theta, adjoints, times, count = residuals
+        step, ys, theta, adjoints, times, count = residuals
         c, d = cotangents
 
-        def body(carry):
-            k, b, ys_cot, theta_cot, ys_bar_cot = carry
+        def body(carry: _TangentSweep) -> _TangentSweep:
+            k, b = carry.k, carry.b
 
-            def tangent(y, th):
-                return jax.jvp(
-                    lambda y, th: end_state(y, th, k, times), (y, th), (b, d)
-                )[1]
+            def tangent(y, th, span):
+                end = lambda y, th: step(y, th, span[0], span[1])[0]
+                return jax.jvp(end, (y, th), (b, d))[1]
 
-            b_next, vjp = jax.vjp(tangent, _at(ys, k), theta)
-            y_cot, th_cot = vjp(_at(adjoints, k))
-            ys_cot = _put(ys_cot, k, y_cot)
-            if state_cotangents:
-                ys_bar_cot = _put(ys_bar_cot, k, b)
-            return k + 1, b_next, ys_cot, theta_cot + th_cot, ys_bar_cot
+            b_next, vjp = jax.vjp(tangent, _at(ys, k), theta, _span(times, k))
+            y_cot, th_cot, span_cot = vjp(_at(adjoints, k))
+            ys_bar_cot = _put(carry.ys_bar_cot, k, b) if state_cotangents else None
+            return _TangentSweep(
+                k=k + 1,
+                b=b_next,
+                ys_cot=_put(carry.ys_cot, k, y_cot),
+                theta_cot=carry.theta_cot + th_cot,
+                times_cot=_add_span(carry.times_cot, k, span_cot),
+                ys_bar_cot=ys_bar_cot,
+            )
 
         zeros = tuple(map(jnp.zeros_like, ys))
-        ys_bar_cot = zeros if state_cotangents else None
-        init = (jnp.zeros_like(count), c, zeros, jnp.zeros_like(theta), ys_bar_cot)
-        _, b, ys_cot, theta_cot, ys_bar_cot = lax.while_loop(
-            lambda carry: carry[0] < count, body, init
+        init = _TangentSweep(
+            k=jnp.zeros_like(count),
+            b=c,
+            ys_cot=zeros,
+            theta_cot=jnp.zeros_like(theta),
+            times_cot=jnp.zeros_like(times),
+            ys_bar_cot=zeros if state_cotangents else None,
         )
+        final = lax.while_loop(lambda carry: carry.k < count, body, init)
         return (
-            ys_cot,
-            theta_cot,
-            ys_bar_cot,
-            b,
-            jnp.zeros_like(times),
+            jax.tree.map(_zero_cotangent, step),
+            final.ys_cot,
+            final.theta_cot,
+            final.ys_bar_cot,
+            final.b,
+            final.times_cot,
             _zero_cotangent(count),
         )
 
@@ -145,33 +205,28 @@ def _reverse_sweep(step: StepFn, state_cotangents: bool) -> Callable:
 
 
 class _Layout(NamedTuple):
-    """Where things are, none of it differentiated: the record's `stride`,
-    step `times` and `count`; the interior outputs' steps (-1: at t0) and
-    fractions θ_i of them."""
+    """Where things are, none of it differentiated: the record's `stride` and
+    step `count`, and the steps of the interior outputs (-1: at t0)."""
 
     stride: jax.Array
-    times: jax.Array
     count: jax.Array
     output_steps: jax.Array | None
-    fractions: jax.Array | None
 
 
-def _densify(step: StepFn, max_steps: int) -> Callable:
-    """D(Y, θ, layout): the start state of every step in a `max_steps` buffer,
-    recomputed from the kept states; a custom_vjp whose rule walks the steps
-    backward and hands each kept state its cotangent. Only the gradient of a
-    gradient uses it."""
-
-    def end_state(y, theta, k, layout):
-        return step(y, theta, layout.times[k], layout.times[k + 1])[0]
+def _densify(max_steps: int) -> Callable:
+    """D(Φ, Y, θ, times, layout): the start state of every step in a `max_steps`
+    buffer, recomputed from the kept states; a custom_vjp whose rule walks the
+    steps backward and hands each kept state (and the times) its cotangent.
+    Only the gradient of a gradient uses it."""
 
     @jax.custom_vjp
-    def densify(kept, theta, layout):
+    def densify(step, kept, theta, times, layout):
         def body(carry):
             k, y, full = carry
             kept_here = lax.rem(k, layout.stride) == 0
             y = _where(kept_here, _at(kept, lax.div(k, layout.stride)), y)
-            return k + 1, end_state(y, theta, k, layout), _put(full, k, y)
+            y_next = step(y, theta, times[k], times[k + 1])[0]
+            return k + 1, y_next, _put(full, k, y)
 
         full = tuple(
             jnp.zeros((max_steps,) + leaf.shape[1:], leaf.dtype) for leaf in kept
@@ -179,40 +234,51 @@ def _densify(step: StepFn, max_steps: int) -> Callable:
         init = (jnp.zeros_like(layout.count), _at(kept, 0), full)
         return lax.while_loop(lambda c: c[0] < layout.count, body, init)[2]
 
-    def fwd(kept, theta, layout):
-        full = densify(kept, theta, layout)
-        return full, (full, kept, theta, layout)
+    def fwd(step, kept, theta, times, layout):
+        full = densify(step, kept, theta, times, layout)
+        return full, (step, full, kept, theta, times, layout)
 
     def bwd(residuals, full_bar):
-        full, kept, theta, layout = residuals
+        step, full, kept, theta, times, layout = residuals
 
         def body(carry):
-            k, a, kept_bar, theta_bar = carry
+            k, a, kept_bar, theta_bar, times_bar = carry
             # a is the cotangent of y_{k+1}: step k made it unless it is kept.
             made = (lax.rem(k + 1, layout.stride) != 0) & (k + 1 < layout.count)
             a = tuple(jnp.where(made, x, 0) for x in a)
             _, vjp = jax.vjp(
-                lambda y, th: end_state(y, th, k, layout), _at(full, k), theta
+                lambda y, th, span: step(y, th, span[0], span[1])[0],
+                _at(full, k),
+                theta,
+                _span(times, k),
             )
-            a_y, a_theta = vjp(a)
+            a_y, a_theta, a_span = vjp(a)
+            times_bar = _add_span(times_bar, k, a_span)
             a = _add(a_y, _at(full_bar, k))
             kept_here = lax.rem(k, layout.stride) == 0
             kept_bar = _where(
                 kept_here, _put(kept_bar, lax.div(k, layout.stride), a), kept_bar
             )
-            return k - 1, a, kept_bar, theta_bar + a_theta
+            return k - 1, a, kept_bar, theta_bar + a_theta, times_bar
 
         zeros = tuple(map(jnp.zeros_like, kept))
-        init = (layout.count - 1, _at(zeros, 0), zeros, jnp.zeros_like(theta))
-        _, _, kept_bar, theta_bar = lax.while_loop(lambda c: c[0] >= 0, body, init)
-        return kept_bar, theta_bar, jax.tree.map(_zero_cotangent, layout)
+        init = (
+            layout.count - 1, _at(zeros, 0), zeros, jnp.zeros_like(theta),
+            jnp.zeros_like(times),
+        )  # fmt: skip
+        _, _, kept_bar, theta_bar, times_bar = lax.while_loop(
+            lambda c: c[0] >= 0, body, init
+        )
+        zero = lambda tree: jax.tree.map(_zero_cotangent, tree)
+        return zero(step), kept_bar, theta_bar, times_bar, zero(layout)
 
     densify.defvjp(fwd, bwd)
     return densify
 
 
-def _segment_sweep(step: StepFn, longest: int, degree: int) -> Callable:
-    """S(Y, θ, Ȳ_kept, ȳ_outputs, ȳ_N, layout) -> (a_0, g) of the module doc,
+def _segment_sweep(longest: int, degree: int) -> Callable:
+    """S(Φ, Y, θ, Ȳ_kept, ȳ_outputs, ȳ_N, times, θ_out, layout) -> (a_0, g) of
+    the module doc (θ_out: the interior outputs' fractions of their steps),
     first order, in memory for `longest` states besides the record.
 
     Segment j is steps [j·S, (j+1)·S) for the stride S. Walking the segments
@@ -236,20 +302,20 @@ def _segment_sweep(step: StepFn, longest: int, degree: int) -> Callable:
         direct = tuple(jnp.tensordot(mask, bar, ((0,), (0,))) for bar in outputs_bar)
         return coefficients, direct
 
-    def sweep(kept, theta, kept_bar, outputs_bar, seed, layout):
+    def sweep(step, kept, theta, kept_bar, outputs_bar, seed, times, fractions, layout):
         stride, count = layout.stride, layout.count
         length = lambda j: jnp.minimum(stride, count - j * stride)
         powers = None
         if outputs_bar is not None:  # loop-invariant, computed once
-            exponents = jnp.arange(1, degree + 1, dtype=layout.fractions.dtype)
-            powers = layout.fractions[:, None] ** exponents
+            exponents = jnp.arange(1, degree + 1, dtype=fractions.dtype)
+            powers = fractions[:, None] ** exponents
             powers = powers.astype(outputs_bar[0].dtype)
 
         def body(carry):
             control, local, a, g = carry
             j, i, reverse = control[0], control[1], control[2] == 1
             k = j * stride + i
-            t, t_new = layout.times[k], layout.times[k + 1]
+            t, t_new = times[k], times[k + 1]
             # Step j·S starts from the kept state, later ones from local[i].
             y = _at(kept, j)
             if may_recompute:
@@ -298,15 +364,19 @@ def _segment_sweep(step: StepFn, longest: int, degree: int) -> Callable:
     return sweep
 
 
-def _checkpoint_sweep(step: StepFn, max_steps: int, longest: int, degree: int):
+def _checkpoint_sweep(max_steps: int, longest: int, degree: int) -> Callable:
     """The reverse sweep S (module doc) as a custom_vjp: `_segment_sweep` when
     evaluated; differentiated, the same sums over all N recomputed states (D),
-    with the interior outputs' VJPs batched and `_reverse_sweep`'s rule."""
-    segment_sweep = _segment_sweep(step, longest, degree)
-    densify = _densify(step, max_steps)
+    with the interior outputs' VJPs batched and `_reverse_sweep`'s rule. The
+    step times and the outputs' fractions of their steps are differentiated
+    too: through them a_0 moves with the output times."""
+    segment_sweep = _segment_sweep(longest, degree)
+    densify = _densify(max_steps)
 
-    def over_all_states(kept, theta, kept_bar, outputs_bar, seed, layout):
-        full = densify(kept, theta, layout)
+    def over_all_states(
+        step, kept, theta, kept_bar, outputs_bar, seed, times, fractions, layout
+    ):
+        full = densify(step, kept, theta, times, layout)
         starts_bar = None
         if kept_bar is not None:
             # Slot j holds step j·stride; slots past the count are dropped.
@@ -319,7 +389,7 @@ def _checkpoint_sweep(step: StepFn, max_steps: int, longest: int, degree: int):
         theta_bar = jnp.zeros_like(theta)
         if outputs_bar is not None:
             k = jnp.maximum(layout.output_steps, 0)
-            t, t_new = layout.times[k], layout.times[k + 1]
+            t, t_new = times[k], times[k + 1]
 
             def interpolate(y, theta, t, t_new, fraction):
                 _, dense = step(y, theta, t, t_new)
@@ -327,9 +397,7 @@ def _checkpoint_sweep(step: StepFn, max_steps: int, longest: int, degree: int):
 
             batched = jax.vmap(interpolate, in_axes=(0, None, 0, 0, 0))
             _, vjp = jax.vjp(
-                lambda y, th: batched(y, th, t, t_new, layout.fractions),
-                _at(full, k),
-                theta,
+                lambda y, th: batched(y, th, t, t_new, fractions), _at(full, k), theta
             )
             mask = (layout.output_steps >= 0)[:, None]
             y_bar, theta_bar = vjp(
@@ -341,27 +409,39 @@ def _checkpoint_sweep(step: StepFn, max_steps: int, longest: int, degree: int):
                 s.at[k].add(jnp.where(mask, b, 0))
                 for s, b in zip(starts_bar, y_bar, strict=True)
             )
-        sweep = _reverse_sweep(step, state_cotangents=starts_bar is not None)
-        a0, g = sweep(full, theta, starts_bar, seed, layout.times, layout.count)
+        sweep = _reverse_sweep(state_cotangents=starts_bar is not None)
+        a0, g = sweep(step, full, theta, starts_bar, seed, times, layout.count)
         return a0, g + theta_bar
 
     @jax.custom_vjp
-    def sweep(kept, theta, kept_bar, outputs_bar, seed, layout):
-        return segment_sweep(kept, theta, kept_bar, outputs_bar, seed, layout)
+    def sweep(step, kept, theta, kept_bar, outputs_bar, seed, times, fractions, layout):
+        return segment_sweep(
+            step, kept, theta, kept_bar, outputs_bar, seed, times, fractions, layout
+        )
 
-    def fwd(kept, theta, kept_bar, outputs_bar, seed, layout):
+    def fwd(step, kept, theta, kept_bar, outputs_bar, seed, times, fractions, layout):
         out, vjp = jax.vjp(
-            lambda *args: over_all_states(*args, layout),
-            kept, theta, kept_bar, outputs_bar, seed,
+            lambda *args: over_all_states(step, *args, layout),
+            kept, theta, kept_bar, outputs_bar, seed, times, fractions,
         )  # fmt: skip
-        return out, (vjp, layout)
+        return out, (vjp, step, layout)
 
     def bwd(residuals, cotangents):
-        vjp, layout = residuals
-        return (*vjp(cotangents), jax.tree.map(_zero_cotangent, layout))
+        vjp, step, layout = residuals
+        zero = lambda tree: jax.tree.map(_zero_cotangent, tree)
+        return (zero(step), *vjp(cotangents), zero(layout))
 
     sweep.defvjp(fwd, bwd)
     return sweep
+
+
+def _step_times(record: StepRecord, tau: jax.Array) -> jax.Array:
+    """The record's step times t_k, with t_0 = τ_0 and t_N = τ_N moving with
+    the output times and the steps in between fixed (the step sizes are not
+    differentiated). The values are the record's, bit for bit."""
+    moving = lambda x: x - lax.stop_gradient(x)
+    times = lax.stop_gradient(record.times)
+    return times.at[0].add(moving(tau[0])).at[record.count].add(moving(tau[-1]))
 
 
 class CheckpointAdjoint(AbstractAdjoint):
@@ -388,7 +468,10 @@ class CheckpointAdjoint(AbstractAdjoint):
     derivatives in reverse mode are not available.
 
     Gradients with respect to `ts` use the continuous-time formula
-    ∂L/∂t_i = ȳ_i·f(t_i, y_i) (and -a(t_0)·f(t_0, y_0) for t_0).
+    ∂L/∂t_i = ȳ_i·f(t_i, y_i) (and -a(t_0)·f(t_0, y_0) for t_0). Differentiated
+    again, a(t_0) moves with `ts` through the first step's start, the last
+    step's end and the interior outputs' places in their steps; the step times
+    in between stay put.
 
     A `custom_vjp` blocks forward-mode differentiation: use `ForwardMode()` for
     `jax.jvp`/`jax.jacfwd`.
@@ -462,16 +545,22 @@ class CheckpointAdjoint(AbstractAdjoint):
         theta, unravel_theta = ravel_pytree(diff)
         real = jnp.real(ys[0]).dtype
         n_out = tau.shape[0]
-        times = lax.stop_gradient(record.times)
+        times = _step_times(record, tau)
         solver = config.solver
         # Interior outputs are read from their steps' interpolants.
         dense = n_out > 2
 
-        def step(y, theta, t, t_new):
-            p = eqx.combine(unravel_theta(theta), fixed)
-            f = lambda s, x: problem.f_flat(s, x, p, direction)
-            result = solver.step(f, t, y, f(t, y), t_new - t, dense=dense)
-            return result.y1, result.dense
+        fixed_arrays, fixed_static = eqx.partition(fixed, eqx.is_array)
+        step = _Step(
+            problem,
+            solver,
+            lambda theta, arrays: eqx.combine(
+                unravel_theta(theta), arrays, fixed_static
+            ),
+            fixed_arrays,
+            direction,
+            dense,
+        )
 
         valid = jnp.arange(times.shape[0], dtype=record.count.dtype) <= record.count
         # Output i lies in step k_i: t_k < τ_i <= t_{k+1}; k_i = -1 means τ_i = t_0.
@@ -490,17 +579,25 @@ class CheckpointAdjoint(AbstractAdjoint):
             output_steps = k_out[inner]
             k = jnp.maximum(output_steps, 0)
             t, t_new = times[k], times[k + 1]
-            fractions = lax.stop_gradient((tau[inner] - t) / (t_new - t)).astype(real)
+            fractions = ((tau[inner] - t) / (t_new - t)).astype(real)
             outputs_bar = tuple(bar[inner] for bar in ys_bar)
-        layout = _Layout(record.stride, times, record.count, output_steps, fractions)
+        layout = _Layout(record.stride, record.count, output_steps)
         slots = kept_slots(checkpoints, config.max_steps)
         longest = thinned_stride(slots, config.max_steps)
-        sweep = _checkpoint_sweep(step, config.max_steps, longest, solver.dense_degree)
+        sweep = _checkpoint_sweep(config.max_steps, longest, solver.dense_degree)
         seed = tuple(bar[-1] for bar in ys_bar)
-        a0, g = sweep(record.y_starts, theta, kept_bar, outputs_bar, seed, layout)
+        y0_bar = tuple(bar[0] for bar in ys_bar)
+        if kept_bar is not None:
+            # The first kept state is y0: like ys[0], it stays put when τ_0
+            # moves, so its cotangent joins y0's after ∂L/∂τ_0.
+            y0_bar = _add(y0_bar, _at(kept_bar, 0))
+            kept_bar = tuple(bar.at[0].set(0) for bar in kept_bar)
+        a0, g = sweep(
+            step, record.y_starts, theta, kept_bar, outputs_bar, seed, times,
+            fractions, layout,
+        )  # fmt: skip
         a_before = _add(a0, y0_direct)
         tau_bar = _time_cotangents(
             problem, params, direction, tau, ys, ys_bar, a_before
         )
-        y0_bar = _add(a_before, tuple(bar[0] for bar in ys_bar))
-        return unravel_theta(g), y0_bar, tau_bar
+        return unravel_theta(g), _add(a_before, y0_bar), tau_bar
