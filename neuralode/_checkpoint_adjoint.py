@@ -71,11 +71,13 @@ class _Step(eqx.Module):
     params: Callable = eqx.field(static=True)
     arrays: PyTree
     direction: jax.Array
+    # Step times are measured from here (see `_step_times`); not differentiated.
+    origin: jax.Array
     dense: bool = eqx.field(static=True)
 
     def __call__(self, y: State, theta, t, t_new) -> tuple[State, State | None]:
         p = self.params(theta, self.arrays)
-        f = lambda s, x: self.problem.f_flat(s, x, p, self.direction)
+        f = lambda s, x: self.problem.f_flat(self.origin + s, x, p, self.direction)
         result = self.solver.step(f, t, y, f(t, y), t_new - t, dense=self.dense)
         return result.y1, result.dense
 
@@ -436,9 +438,12 @@ def _checkpoint_sweep(max_steps: int, longest: int, degree: int) -> Callable:
 
 
 def _step_times(record: StepRecord, tau: jax.Array) -> jax.Array:
-    """The record's step times t_k, with t_0 = τ_0 and t_N = τ_N moving with
-    the output times and the steps in between fixed (the step sizes are not
-    differentiated). The values are the record's, bit for bit."""
+    """The record's step times s_k, measured from τ_0 as the loop measured them
+    (so that each replayed step has the forward step's size exactly), with
+    s_0 moving with τ_0 and s_N with τ_N, the steps in between fixed in
+    absolute time (their sizes are not differentiated), as the kept states
+    are for the continuous ∂L/∂τ_0 (see `_time_cotangents`). The values are
+    the record's."""
     moving = lambda x: x - lax.stop_gradient(x)
     times = lax.stop_gradient(record.times)
     return times.at[0].add(moving(tau[0])).at[record.count].add(moving(tau[-1]))
@@ -546,6 +551,7 @@ class CheckpointAdjoint(AbstractAdjoint):
         real = jnp.real(ys[0]).dtype
         n_out = tau.shape[0]
         times = _step_times(record, tau)
+        origin = lax.stop_gradient(tau[0])
         solver = config.solver
         # Interior outputs are read from their steps' interpolants.
         dense = n_out > 2
@@ -559,13 +565,18 @@ class CheckpointAdjoint(AbstractAdjoint):
             ),
             fixed_arrays,
             direction,
+            origin,
             dense,
         )
 
         valid = jnp.arange(times.shape[0], dtype=record.count.dtype) <= record.count
-        # Output i lies in step k_i: t_k < τ_i <= t_{k+1}; k_i = -1 means τ_i = t_0.
+        # Output i lies in step k_i: s_k < τ_i - τ_0 <= s_{k+1}; k_i = -1 means
+        # τ_i = τ_0.
+        since = lax.stop_gradient(tau - tau[0])
         k_out = (
-            jnp.searchsorted(jnp.where(valid, times, jnp.inf), tau).astype(jnp.int32)
+            jnp.searchsorted(jnp.where(valid, record.times, jnp.inf), since).astype(
+                jnp.int32
+            )
             - 1
         )
         index = jnp.arange(n_out)
@@ -579,7 +590,7 @@ class CheckpointAdjoint(AbstractAdjoint):
             output_steps = k_out[inner]
             k = jnp.maximum(output_steps, 0)
             t, t_new = times[k], times[k + 1]
-            fractions = ((tau[inner] - t) / (t_new - t)).astype(real)
+            fractions = ((tau[inner] - origin - t) / (t_new - t)).astype(real)
             outputs_bar = tuple(bar[inner] for bar in ys_bar)
         layout = _Layout(record.stride, record.count, output_steps)
         slots = kept_slots(checkpoints, config.max_steps)

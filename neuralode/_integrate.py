@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import equinox as eqx
+import jax
 import jax.lax as lax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
@@ -143,7 +144,9 @@ def attempt_step(
         16 * jnp.finfo(t.dtype).eps * jnp.maximum(jnp.abs(t_target_sg), jnp.abs(t_sg))
     )
     clipped = t_try >= t_target_sg - sliver
-    t_new = jnp.where(clipped, t_target_sg, t_try)
+    # The last step ends on t_target itself, so that forward-mode derivatives
+    # see the final state move with the last output time.
+    t_new = jnp.where(clipped, t_target, t_try)
     h = t_new - t_sg
     solver = config.solver
     step = solver.step(f, t, y, f0, h, dense=dense)
@@ -153,7 +156,8 @@ def attempt_step(
     valid = finite
     if config.time_dependent:
         user_t = lax.stop_gradient(origin) + t_sg
-        valid = valid & (jnp.abs(h) > RESOLVED_SPACINGS * time_spacing(user_t))
+        spacings = RESOLVED_SPACINGS * time_spacing(user_t)
+        valid = valid & (jnp.abs(lax.stop_gradient(h)) > spacings)
     if config.adaptive:
         sizes = [leaf.size for leaf in y]
         err = lax.stop_gradient(norm_of_sums(error_sums, sizes, config.norm_groups))
@@ -162,10 +166,12 @@ def attempt_step(
     else:
         err = jnp.full((), jnp.nan, real)
     outcome = StepOutcome(
-        t_sg, h, h_proposed, clipped, err, valid, err_prev, rejected_last,
-        solver.error_exponent,
+        t_sg, lax.stop_gradient(h), h_proposed, clipped, err, valid, err_prev,
+        rejected_last, solver.error_exponent,
     )  # fmt: skip
-    accept, h_next = config.step_controller.adapt(outcome)
+    accept, h_next = jax.tree.map(
+        lax.stop_gradient, config.step_controller.adapt(outcome)
+    )
     if pair is None:
         stiffness = jnp.full((), jnp.nan, real)
     else:
@@ -564,10 +570,7 @@ def integrate(
     )
     if record_steps:
         record = StepRecord(
-            final.step_starts,
-            final.stride,
-            origin + final.step_times,
-            final.num_accepted,
+            final.step_starts, final.stride, final.step_times, final.num_accepted
         )
         return ys, stats, record
     return ys, stats

@@ -13,7 +13,9 @@ from ._packed_loop import S, packed_while_loop
 
 class StepRecord(NamedTuple):
     """The accepted steps of a solve: step k runs from `times[k]` to
-    `times[k + 1]`; `count` steps are valid.
+    `times[k + 1]`, measured from the first output time (as the loop measures
+    them: replaying a step reproduces its size exactly); `count` steps are
+    valid.
 
     `y_starts[·][j]` is the start state of step j·`stride`, for j·stride <
     count. With B slots the stride starts at 1 and doubles whenever the solve

@@ -104,16 +104,6 @@ def _cases(order: int, input_sets):
     cases = []
     for inputs, name in itertools.product(input_sets, ADJOINTS):
         marks = []
-        if name == "ForwardMode" and "ts" in inputs:
-            marks.append(
-                pytest.mark.xfail(
-                    strict=True,
-                    reason="ForwardMode: _integrate.attempt_step puts the step "
-                    "times under stop_gradient, so the last step's end does not "
-                    "move with ts[-1] (nor does the grid's last step shrink "
-                    "when ts[0] moves)",
-                )
-            )
         if order == 2 and name != FAST_HESSIAN:
             marks.append(pytest.mark.slow)
         cases.append(
@@ -136,6 +126,12 @@ def test_hessian(adjoint_name, x, z):
     """The blocks ∂²L/∂x∂z and ∂²L/∂z∂x of the Hessian (rows: the gradient's
     entries, columns: the inputs differentiated last)."""
     exact, fd = _derivatives(adjoint_name, 2)
+    tol = TOL
+    if adjoint_name == "ForwardMode" and "ts" in (x, z):
+        # Forward mode differentiates the computed solution exactly, step
+        # sizes held; central differences of its ts gradient also see the
+        # adaptive steps move, at ~1e-5 here.
+        tol = dict(rtol=1e-4, atol=1e-4)
     for rows, columns in ((x, z), (z, x)):
         block = (BLOCKS[rows], BLOCKS[columns])
-        np.testing.assert_allclose(exact[block], fd[block], **TOL)
+        np.testing.assert_allclose(exact[block], fd[block], **tol)

@@ -139,9 +139,10 @@ if NDEV > 1:
         lambda f, y: no.odeint(f, y, jnp.array([0.0, 50.0]), max_steps=2)
     )
     try:
-        jax.block_until_ready(failing(field, y0))
+        with no.reraise_failures():
+            jax.block_until_ready(failing(field, y0))
         out["throw_message"] = None
-    except Exception as e:
+    except no.SolveError as e:
         out["throw_message"] = str(e)[-300:]
 
     # 6. Per-sample solves under plain jax.jit of jax.vmap on the sharded batch:

@@ -420,3 +420,18 @@ def test_throw_false_programs_export_for_cpu_gpu_and_tpu():
     assert "callback" not in _exported(solve, y0, 1.0)
     cnf = no.CNF(no.nn.MLPField(2, 8, 1, key=jax.random.key(0)), throw=False)
     assert "callback" not in _exported(lambda x: cnf.log_prob(x), jnp.ones((4, 2)))
+
+
+@pytest.mark.parametrize("adjoint", [no.CheckpointAdjoint(), no.BacksolveAdjoint()])
+def test_float32_gradients_do_not_depend_on_the_time_origin(adjoint):
+    """The loop and CheckpointAdjoint's replay measure time from ts[0]: an
+    autonomous problem's gradient at t = 1e5 in float32 is that at t = 0."""
+    field = lambda t, y, k: -k * jnp.tanh(y)
+
+    def grad(start):
+        ts = jnp.array([start, start + 0.5, start + 1.0], jnp.float32)
+        loss = lambda k: jnp.sum(no.odeint(field, jnp.ones(2, jnp.float32), ts, k,
+                                           adjoint=adjoint) ** 2)  # fmt: skip
+        return jax.grad(loss)(jnp.float32(0.7))
+
+    assert float(grad(1e5)) == float(grad(0.0))
