@@ -39,20 +39,21 @@ from jax.flatten_util import ravel_pytree
 from jaxtyping import PyTree
 
 from . import _interpolation as interp
-from ._adjoint import (
-    AbstractAdjoint,
-    _custom_vjp_loop,
-    _direction_and_tau,
-    _first_step_argument,
-    _forward_check,
-    _instantiate,
-    _is_symbolic_zero,
-    _primal_solve,
-    _time_cotangents,
-    _zero_cotangent,
+from ._adjoint import AbstractAdjoint
+from ._adjoint_common import (
+    custom_vjp_loop,
+    direction_and_tau,
+    first_step_argument,
+    forward_check,
+    instantiate,
+    is_symbolic_zero,
+    primal_solve,
+    time_cotangents,
+    zero_cotangent,
 )
-from ._controller import State
-from ._integrate import StepRecord, _where, integrate, kept_slots, thinned_stride
+from ._integrate import LoopOptions, integrate
+from ._state import State, select
+from ._step_record import StepRecord, kept_slots, thinned_stride
 
 
 class _Step(eqx.Module):
@@ -97,6 +98,46 @@ def _put(buffers: State, k, values: State) -> State:
     )
 
 
+class _Sweep(NamedTuple):
+    """The carry of the reverse sweep S at step k: a = a_{k+1}, the parameter
+    integral g so far, and (stored for its rule) the adjoints a_{k+1}."""
+
+    k: jax.Array
+    a: State
+    g: jax.Array
+    adjoints: State | tuple
+
+
+class _Densify(NamedTuple):
+    """The carry of D: step k, its start state y_k, the states so far."""
+
+    k: jax.Array
+    y: State
+    full: State
+
+
+class _DensifyRule(NamedTuple):
+    """The carry of D's rule at step k: a the cotangent of y_{k+1}, and the
+    cotangents of the kept states, θ and the times so far."""
+
+    k: jax.Array
+    a: State
+    kept_bar: State
+    theta_bar: jax.Array
+    times_bar: jax.Array
+
+
+class _Segments(NamedTuple):
+    """The carry of the segment sweep: `control` = (segment j, step i in it,
+    1 while reversing / 0 while recomputing), the recomputed states `local`,
+    the adjoint a and the parameter integral g."""
+
+    control: jax.Array
+    local: State
+    a: State
+    g: jax.Array
+
+
 class _TangentSweep(NamedTuple):
     """The carry of `_reverse_sweep`'s rule at step k: the tangent b_k and the
     cotangents accumulated so far."""
@@ -133,7 +174,7 @@ def _reverse_sweep(state_cotangents: bool) -> Callable:
     def run(step, ys, theta, ys_bar, seed, times, count, store: bool):
         """The sweep; with `store`, also the adjoints a_{k+1} entering each step."""
 
-        def body(carry):
+        def body(carry: _Sweep) -> _Sweep:
             k, a, g, adjoints = carry
             if store:
                 adjoints = _put(adjoints, k, a)
@@ -143,11 +184,11 @@ def _reverse_sweep(state_cotangents: bool) -> Callable:
             a_y, a_theta = vjp(a)
             if state_cotangents:
                 a_y = _add(a_y, _at(ys_bar, k))
-            return k - 1, a_y, g + a_theta, adjoints
+            return _Sweep(k - 1, a_y, g + a_theta, adjoints)
 
         adjoints = tuple(map(jnp.zeros_like, ys)) if store else ()
-        init = (count - 1, seed, jnp.zeros_like(theta), adjoints)
-        _, a0, g, adjoints = lax.while_loop(lambda c: c[0] >= 0, body, init)
+        init = _Sweep(count - 1, seed, jnp.zeros_like(theta), adjoints)
+        _, a0, g, adjoints = lax.while_loop(lambda c: c.k >= 0, body, init)
         return a0, g, adjoints
 
     @jax.custom_vjp
@@ -193,13 +234,13 @@ def _reverse_sweep(state_cotangents: bool) -> Callable:
         )
         final = lax.while_loop(lambda carry: carry.k < count, body, init)
         return (
-            jax.tree.map(_zero_cotangent, step),
+            jax.tree.map(zero_cotangent, step),
             final.ys_cot,
             final.theta_cot,
             final.ys_bar_cot,
             final.b,
             final.times_cot,
-            _zero_cotangent(count),
+            zero_cotangent(count),
         )
 
     sweep.defvjp(fwd, bwd)
@@ -223,18 +264,18 @@ def _densify(max_steps: int) -> Callable:
 
     @jax.custom_vjp
     def densify(step, kept, theta, times, layout):
-        def body(carry):
+        def body(carry: _Densify) -> _Densify:
             k, y, full = carry
             kept_here = lax.rem(k, layout.stride) == 0
-            y = _where(kept_here, _at(kept, lax.div(k, layout.stride)), y)
+            y = select(kept_here, _at(kept, lax.div(k, layout.stride)), y)
             y_next = step(y, theta, times[k], times[k + 1])[0]
-            return k + 1, y_next, _put(full, k, y)
+            return _Densify(k + 1, y_next, _put(full, k, y))
 
         full = tuple(
             jnp.zeros((max_steps,) + leaf.shape[1:], leaf.dtype) for leaf in kept
         )
-        init = (jnp.zeros_like(layout.count), _at(kept, 0), full)
-        return lax.while_loop(lambda c: c[0] < layout.count, body, init)[2]
+        init = _Densify(jnp.zeros_like(layout.count), _at(kept, 0), full)
+        return lax.while_loop(lambda c: c.k < layout.count, body, init).full
 
     def fwd(step, kept, theta, times, layout):
         full = densify(step, kept, theta, times, layout)
@@ -243,7 +284,7 @@ def _densify(max_steps: int) -> Callable:
     def bwd(residuals, full_bar):
         step, full, kept, theta, times, layout = residuals
 
-        def body(carry):
+        def body(carry: _DensifyRule) -> _DensifyRule:
             k, a, kept_bar, theta_bar, times_bar = carry
             # a is the cotangent of y_{k+1}: step k made it unless it is kept.
             made = (lax.rem(k + 1, layout.stride) != 0) & (k + 1 < layout.count)
@@ -258,20 +299,20 @@ def _densify(max_steps: int) -> Callable:
             times_bar = _add_span(times_bar, k, a_span)
             a = _add(a_y, _at(full_bar, k))
             kept_here = lax.rem(k, layout.stride) == 0
-            kept_bar = _where(
+            kept_bar = select(
                 kept_here, _put(kept_bar, lax.div(k, layout.stride), a), kept_bar
             )
-            return k - 1, a, kept_bar, theta_bar + a_theta, times_bar
+            return _DensifyRule(k - 1, a, kept_bar, theta_bar + a_theta, times_bar)
 
         zeros = tuple(map(jnp.zeros_like, kept))
-        init = (
+        init = _DensifyRule(
             layout.count - 1, _at(zeros, 0), zeros, jnp.zeros_like(theta),
             jnp.zeros_like(times),
         )  # fmt: skip
         _, _, kept_bar, theta_bar, times_bar = lax.while_loop(
-            lambda c: c[0] >= 0, body, init
+            lambda c: c.k >= 0, body, init
         )
-        zero = lambda tree: jax.tree.map(_zero_cotangent, tree)
+        zero = lambda tree: jax.tree.map(zero_cotangent, tree)
         return zero(step), kept_bar, theta_bar, times_bar, zero(layout)
 
     densify.defvjp(fwd, bwd)
@@ -313,7 +354,7 @@ def _segment_sweep(longest: int, degree: int) -> Callable:
             powers = fractions[:, None] ** exponents
             powers = powers.astype(outputs_bar[0].dtype)
 
-        def body(carry):
+        def body(carry: _Segments) -> _Segments:
             control, local, a, g = carry
             j, i, reverse = control[0], control[1], control[2] == 1
             k = j * stride + i
@@ -321,7 +362,7 @@ def _segment_sweep(longest: int, degree: int) -> Callable:
             # Step j·S starts from the kept state, later ones from local[i].
             y = _at(kept, j)
             if may_recompute:
-                y = _where(i == 0, y, _at(local, i))
+                y = select(i == 0, y, _at(local, i))
             (y1, _), vjp = jax.vjp(lambda y, th: step(y, th, t, t_new), y, theta)
             coefficients = None
             if outputs_bar is not None:
@@ -331,14 +372,14 @@ def _segment_sweep(longest: int, degree: int) -> Callable:
                 a_y = _add(a_y, direct)
             if kept_bar is not None:
                 kept_here = _add(a_y, _at(kept_bar, j))
-                a_y = _where(i == 0, kept_here, a_y)
+                a_y = select(i == 0, kept_here, a_y)
             if may_recompute:
                 # Recomputing, keep y_{k+1} in local[i + 1] and leave a and g
                 # alone: the VJP is computed anyway (a branch around it would
                 # keep XLA from fusing its two halves, slowing every step more
                 # than the recomputed ones cost). Slot 0 takes the rest.
                 local = _put(local, jnp.where(reverse, 0, i + 1), y1)
-                a_y = _where(reverse, a_y, a)
+                a_y = select(reverse, a_y, a)
                 g_step = jnp.where(reverse, g_step, 0)
             # Reversing: down a step, or after step j·S to the top of the
             # segment below, recomputing it first if it has more than a step.
@@ -350,7 +391,7 @@ def _segment_sweep(longest: int, degree: int) -> Callable:
             control = jnp.stack(
                 [j - bottom.astype(j.dtype), i_next, (~recompute_next).astype(j.dtype)]
             )
-            return control, local, a_y, g + g_step
+            return _Segments(control, local, a_y, g + g_step)
 
         segments = (count + stride - 1) // stride
         last = jnp.maximum(segments - 1, 0)
@@ -359,8 +400,8 @@ def _segment_sweep(longest: int, degree: int) -> Callable:
         )
         reverse = (length(last) <= 1).astype(count.dtype)
         control = jnp.stack([segments - 1, jnp.zeros_like(count), reverse])
-        init = (control, local, seed, jnp.zeros_like(theta))
-        _, _, a0, g = lax.while_loop(lambda c: c[0][0] >= 0, body, init)
+        init = _Segments(control, local, seed, jnp.zeros_like(theta))
+        _, _, a0, g = lax.while_loop(lambda c: c.control[0] >= 0, body, init)
         return a0, g
 
     return sweep
@@ -430,7 +471,7 @@ def _checkpoint_sweep(max_steps: int, longest: int, degree: int) -> Callable:
 
     def bwd(residuals, cotangents):
         vjp, step, layout = residuals
-        zero = lambda tree: jax.tree.map(_zero_cotangent, tree)
+        zero = lambda tree: jax.tree.map(zero_cotangent, tree)
         return (zero(step), *vjp(cotangents), zero(layout))
 
     sweep.defvjp(fwd, bwd)
@@ -442,7 +483,7 @@ def _step_times(record: StepRecord, tau: jax.Array) -> jax.Array:
     (so that each replayed step has the forward step's size exactly), with
     s_0 moving with τ_0 and s_N with τ_N, the steps in between fixed in
     absolute time (their sizes are not differentiated), as the kept states
-    are for the continuous ∂L/∂τ_0 (see `_time_cotangents`). The values are
+    are for the continuous ∂L/∂τ_0 (see `time_cotangents`). The values are
     the record's."""
     moving = lambda x: x - lax.stop_gradient(x)
     times = lax.stop_gradient(record.times)
@@ -504,16 +545,14 @@ class CheckpointAdjoint(AbstractAdjoint):
             )
 
     def loop(self, config, problem, params, y0, ts, h0=None):
-        direction, tau = _direction_and_tau(ts)
+        direction, tau = direction_and_tau(ts)
         params_arrays, params_static = eqx.partition(params, eqx.is_array)
 
         def forward(params_arrays, y0, tau, direction, h0):
             params = eqx.combine(params_arrays, params_static)
             f = lambda t, y: problem.f_flat(t, y, params, direction)
-            ys, stats, record = integrate(
-                config, f, y0, tau, h0, record_steps=True,
-                record_slots=self.checkpoints,
-            )  # fmt: skip
+            options = LoopOptions(record_steps=True, record_slots=self.checkpoints)
+            ys, stats, record = integrate(config, f, y0, tau, h0, options)
             return (ys, record), stats
 
         def backward(residual, _, params_arrays, y0, tau, direction, cotangent):
@@ -521,23 +560,23 @@ class CheckpointAdjoint(AbstractAdjoint):
             params = eqx.combine(params_arrays, params_static)
             # The kept states have cotangents only in second-order use.
             kept_bar = None if record_bar is None else record_bar.y_starts
-            if kept_bar is not None and all(map(_is_symbolic_zero, kept_bar)):
+            if kept_bar is not None and all(map(is_symbolic_zero, kept_bar)):
                 kept_bar = None
             return self.backward(
                 config, problem, params, direction, tau, ys, record,
-                _instantiate(ys_bar), _instantiate(kept_bar), self.checkpoints,
+                instantiate(ys_bar), instantiate(kept_bar), self.checkpoints,
             )  # fmt: skip
 
         # Not differentiated, the solve records no steps.
-        solve = _custom_vjp_loop(
+        solve = custom_vjp_loop(
             forward,
             backward,
-            _primal_solve(config, problem, params_static),
+            primal_solve(config, problem, params_static),
             select=lambda out, tau: out[0],
             expand=lambda out, tau, ys_bar: (ys_bar, None),
-            check=_forward_check(config),
+            check=forward_check(config),
         )
-        h0 = _first_step_argument(h0, tau)
+        h0 = first_step_argument(h0, tau)
         return solve(params_arrays, y0, tau, direction, h0)
 
     @staticmethod
@@ -608,7 +647,5 @@ class CheckpointAdjoint(AbstractAdjoint):
             fractions, layout,
         )  # fmt: skip
         a_before = _add(a0, y0_direct)
-        tau_bar = _time_cotangents(
-            problem, params, direction, tau, ys, ys_bar, a_before
-        )
+        tau_bar = time_cotangents(problem, params, direction, tau, ys, ys_bar, a_before)
         return unravel_theta(g), _add(a_before, y0_bar), tau_bar

@@ -38,7 +38,7 @@ from ._dense_output import chunked_loop, output_chunk, read_outputs
 from ._packed_loop import packed_while_loop
 from ._solution import RESULTS
 from ._solvers import AbstractSolver
-from ._state import FlatField, State
+from ._state import FlatField, State, select
 
 # StepRecord, kept_slots and thinned_stride are re-exported for the adjoints.
 from ._step_record import (
@@ -95,10 +95,6 @@ class Attempt(NamedTuple):
     err: Array
     h_next: Array
     stiffness: Array
-
-
-def _where(pred: Array, a: State, b: State) -> State:
-    return tuple(jnp.where(pred, x, y) for x, y in zip(a, b, strict=True))
 
 
 def time_spacing(t: Array) -> Array:
@@ -364,18 +360,44 @@ def _stiffness(config, f, final: _ForwardState, diagnose: bool) -> Array:
     return stiffness_at_failure(f, final.t, final.y, final.h, failed)
 
 
+class LoopOptions(NamedTuple):
+    """What a loop records and computes besides the outputs.
+
+    - `diagnose_stiffness`: on failure, report h·ρ(∂f/∂y) at the last attempt
+      in `stats.stiffness` (for the message; see `_stiffness`); otherwise NaN.
+    - `record_output_steps`: fill `stats.output_steps[i]` with the number of
+      accepted steps taken up to output i.
+    - `record_steps`: also return a `StepRecord` of the accepted steps: every
+      step's times, and the start states of every stride-th step in
+      `record_slots` slots (default `max_steps`: every step, stride 1).
+    - `dense_output`: compute each step's interpolant (default: only when an
+      output lies strictly inside the span, i.e. len(tau_out) > 2).
+    """
+
+    diagnose_stiffness: bool = True
+    record_output_steps: bool = False
+    record_steps: bool = False
+    record_slots: int | None = None
+    dense_output: bool | None = None
+
+
+class LoopResult(NamedTuple):
+    """What `integrate` returns: `ys[·][i]` the state at `tau_out[i]`, the
+    loop's `stats`, and the `record` of its steps (None unless recorded)."""
+
+    ys: State
+    stats: LoopStats
+    record: StepRecord | None = None
+
+
 def integrate(
     config: SolverConfig,
     f: FlatField,
     y0: State,
     tau_out: Float[Array, " n_out"],
     h0: Array | None = None,
-    record_steps: bool = False,
-    record_slots: int | None = None,
-    diagnose_stiffness: bool = True,
-    record_output_steps: bool = False,
-    dense_output: bool | None = None,
-) -> tuple[Float[Array, "n_out n"], LoopStats] | tuple[Array, LoopStats, StepRecord]:
+    options: LoopOptions = LoopOptions(),
+) -> LoopResult:
     """Solve from tau_out[0] to tau_out[-1] (increasing), returning y at tau_out.
 
     **Arguments:**
@@ -386,19 +408,15 @@ def integrate(
       own sharding).
     - `tau_out`: increasing output times.
     - `h0`: a first step size to use instead of the configured one (if > 0).
-    - `diagnose_stiffness`: on failure, report h·ρ(∂f/∂y) at the last attempt
-      in `stats.stiffness` (for the message; see `_stiffness`); otherwise NaN.
-    - `record_output_steps`: fill `stats.output_steps[i]` with the number of
-      accepted steps taken up to output i.
-    - `record_steps`: also return a `StepRecord` of the accepted steps: every
-      step's times, and the start states of every stride-th step in
-      `record_slots` slots (default `max_steps`: every step, stride 1).
-    - `dense_output`: compute each step's interpolant (default: only when an
-      output lies strictly inside the span, i.e. len(tau_out) > 2).
-
-    **Returns:** `(ys, stats)` with `ys[i]` the state at `tau_out[i]`, and the
-    `StepRecord` when recording.
+    - `options`: what to record besides the outputs (`LoopOptions`).
     """
+    (
+        diagnose_stiffness,
+        record_output_steps,
+        record_steps,
+        record_slots,
+        dense_output,
+    ) = options
     # The loop measures time from tau_out[0], so that its step arithmetic has
     # full precision whatever the offset (float32 at t = 1e5 resolves 0.008).
     origin = tau_out[0]
@@ -489,8 +507,8 @@ def integrate(
             )
         return state._replace(
             t=t,
-            y=_where(accept, attempt.y1, state.y),
-            f0=_where(accept, attempt.f1, state.f0),
+            y=select(accept, attempt.y1, state.y),
+            f0=select(accept, attempt.f1, state.f0),
             h=attempt.h_next,
             err_prev=jnp.where(accept, jnp.maximum(attempt.err, 1e-4), state.err_prev),
             rejected_last=~accept,
@@ -572,5 +590,5 @@ def integrate(
         record = StepRecord(
             final.step_starts, final.stride, final.step_times, final.num_accepted
         )
-        return ys, stats, record
-    return ys, stats
+        return LoopResult(ys, stats, record)
+    return LoopResult(ys, stats)

@@ -2,6 +2,7 @@
 
 from collections.abc import Callable
 
+import jax.numpy as jnp
 from jaxtyping import Array
 
 State = tuple[Array, ...]
@@ -10,3 +11,8 @@ adjoint and parameter integrals for the backward pass of an adjoint)."""
 
 FlatField = Callable[[Array, State], State]
 """A vector field on states, `f(t, state) -> d state/dt`."""
+
+
+def select(pred: Array, a: State, b: State) -> State:
+    """`a` where `pred`, else `b`, leaf by leaf."""
+    return tuple(jnp.where(pred, x, y) for x, y in zip(a, b, strict=True))

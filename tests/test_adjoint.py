@@ -435,8 +435,9 @@ def _thinned_record(slots: int):
         no.Dopri5(), no.PIController(), 1e-9, 1e-11, None, 256, None
     )
     f = lambda t, y: (forced(t, y[0], ARGS),)
+    options = no._integrate.LoopOptions(record_steps=True, record_slots=slots)
     _, stats, record = no._integrate.integrate(
-        config, f, (Y0,), jnp.array([0.0, 6.0]), record_steps=True, record_slots=slots
+        config, f, (Y0,), jnp.array([0.0, 6.0]), options=options
     )
     return stats, record
 

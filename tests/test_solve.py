@@ -320,9 +320,8 @@ def test_chunked_dense_output_equals_one_loop(monkeypatch, n_out):
     assert chunk is not None and chunk < n_out - 1
 
     def run():
-        solve = lambda y0: _integrate.integrate(
-            config, f, y0, ts, record_output_steps=True
-        )
+        options = _integrate.LoopOptions(record_output_steps=True)
+        solve = lambda y0: _integrate.integrate(config, f, y0, ts, options=options)[:2]
         return jax.jit(solve)(y0)
 
     (ys,), stats = run()
