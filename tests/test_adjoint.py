@@ -138,6 +138,7 @@ def test_linear_ode_gradient_through_expm(adjoint, key):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("checkpoints", [None, 3], ids=["all-kept", "thinned"])
 @pytest.mark.parametrize(
     "solver, controller",
@@ -238,6 +239,7 @@ def test_gradient_under_vmap(adjoint):
     assert np.allclose(grads[2][:, 0], k * y0 * np.exp(-k * t1), rtol=1e-7)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("adjoint", ADJOINTS, ids=adjoint_name)
 def test_gradient_of_gradient(adjoint):
     def inner(k):
@@ -323,6 +325,7 @@ def _many_parameter_problem(key):
     return field, jnp.array([0.5, -1.0]), jnp.array([0.0, 2.0])
 
 
+@pytest.mark.slow
 def test_seminorm_agrees_and_needs_fewer_backward_evaluations(key):
     field, y0, ts = _many_parameter_problem(key)
     n_params = sum(x.size for x in jax.tree.leaves(eqx.filter(field, eqx.is_array)))
@@ -458,6 +461,7 @@ def test_record_keeps_every_strideth_step(slots):
         assert np.array_equal(record.y_starts[0][j], full.y_starts[0][k])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("checkpoints", [2])
 def test_thinned_checkpoint_gradients_equal_keeping_every_step(checkpoints):
     """Recomputing dropped states changes nothing but memory: first and second

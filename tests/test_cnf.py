@@ -124,6 +124,7 @@ def test_single_point_field_hutchinson(key, batch):
     assert not np.allclose(logp, linear_log_prob(x, 0.0, 1.0), rtol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("trace", ["exact", "hutchinson"])
 def test_mlp_field_same_as_single_point(key, trace):
     """MLPField on the batch and wrapped for one point: same values and gradients."""
