@@ -83,6 +83,18 @@ def positive_float(text: str) -> float:
     return value
 
 
+def add_tolerance_arguments(
+    parser: argparse.ArgumentParser, *, rtol: float, atol: float
+) -> None:
+    """Add --rtol and --atol, the solver's tolerances, with these defaults."""
+    parser.add_argument(
+        "--rtol", type=positive_float, default=rtol, help="solver relative tolerance"
+    )
+    parser.add_argument(
+        "--atol", type=positive_float, default=atol, help="solver absolute tolerance"
+    )
+
+
 def add_common_arguments(
     parser: argparse.ArgumentParser, *, steps: int, quick_steps: int
 ) -> None:

@@ -31,7 +31,13 @@ import neuralode as no
 from ._checkpoint import TrainState
 from ._output import METRICS, UsageError, read_run_json
 from ._plotting import new_figure, plot_loss, save_figure
-from ._run import Run, add_common_arguments, positive_float, positive_int
+from ._run import (
+    Run,
+    add_common_arguments,
+    add_tolerance_arguments,
+    positive_float,
+    positive_int,
+)
 from ._training import mean_of_history
 
 NAME = "cnf"
@@ -114,12 +120,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=3,
         help="hidden layers of the vector field",
     )
-    parser.add_argument(
-        "--rtol", type=positive_float, default=1e-4, help="solver relative tolerance"
-    )
-    parser.add_argument(
-        "--atol", type=positive_float, default=1e-4, help="solver absolute tolerance"
-    )
+    add_tolerance_arguments(parser, rtol=1e-4, atol=1e-4)
     parser.add_argument(
         "--eval-tol",
         type=positive_float,

@@ -29,7 +29,13 @@ import neuralode as no
 
 from ._checkpoint import TrainState
 from ._plotting import new_figure, plot_loss, save_figure
-from ._run import Run, add_common_arguments, positive_float, positive_int
+from ._run import (
+    Run,
+    add_common_arguments,
+    add_tolerance_arguments,
+    positive_float,
+    positive_int,
+)
 from ._training import batch_indices, mean_of_history
 
 NAME = "digits"
@@ -102,12 +108,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=1,
         help="hidden layers of the vector field",
     )
-    parser.add_argument(
-        "--rtol", type=positive_float, default=1e-3, help="solver relative tolerance"
-    )
-    parser.add_argument(
-        "--atol", type=positive_float, default=1e-4, help="solver absolute tolerance"
-    )
+    add_tolerance_arguments(parser, rtol=1e-3, atol=1e-4)
     add_common_arguments(parser, steps=STEPS, quick_steps=QUICK["steps"])
 
 

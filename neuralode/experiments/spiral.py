@@ -38,7 +38,13 @@ import neuralode as no
 from ._checkpoint import TrainState
 from ._output import UsageError
 from ._plotting import new_figure, plot_loss, save_figure
-from ._run import Run, add_common_arguments, positive_float, positive_int
+from ._run import (
+    Run,
+    add_common_arguments,
+    add_tolerance_arguments,
+    positive_float,
+    positive_int,
+)
 from ._training import batch_indices
 
 NAME = "spiral"
@@ -210,12 +216,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=32,
         help="width of the latent vector field and the decoder",
     )
-    parser.add_argument(
-        "--rtol", type=positive_float, default=1e-3, help="solver relative tolerance"
-    )
-    parser.add_argument(
-        "--atol", type=positive_float, default=1e-4, help="solver absolute tolerance"
-    )
+    add_tolerance_arguments(parser, rtol=1e-3, atol=1e-4)
     add_common_arguments(parser, steps=STEPS, quick_steps=QUICK["steps"])
 
 
