@@ -105,7 +105,14 @@ def failed_rows(
     ]
 
 
-_KEY_PHRASES = ("max_steps", "max_num_steps", "maximum number of", "nan", "step size")
+_KEY_PHRASES = (
+    "lost the forward solution",
+    "max_steps",
+    "max_num_steps",
+    "maximum number of",
+    "nan",
+    "step size",
+)
 
 
 def shorten_error(exc: BaseException, limit: int = 160) -> str:
