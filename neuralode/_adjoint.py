@@ -150,7 +150,7 @@ class AdjointProblem(eqx.Module):
         # One vector per parameter leaf, not one raveled vector: fused into the
         # step's combination of stages, a concatenation of the leaves makes
         # XLA:CPU recompute the bias gradients' batch sums for every element
-        # (mlp-grad backward: 143 against 112 ms).
+        # (benchmarks/BOUNDS.md has the measurement).
         g = state[2 * m :]
         a_dtheta = tuple(
             x.reshape(-1).astype(leaf.dtype)
@@ -190,9 +190,7 @@ class BacksolveAdjoint(AbstractAdjoint):
     - `checkpoint_min_steps`: the backward solve stops to reset z at a
       checkpoint only if the forward solve took at least this many steps from
       there to the next grid time (default 4), so that solves of a few steps
-      pay nothing for checkpoints; output times are always stops. (On the
-      benchmark's 86-step MLP solve the resets cut the gradient error from
-      3e-2 to 1e-5 for 4% more backward evaluations.)
+      pay nothing for checkpoints; output times are always stops.
 
     The backward solve cannot be trusted everywhere: where the forward flow
     contracts strongly or is chaotic, the reverse-time reconstruction of z

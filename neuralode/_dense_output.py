@@ -47,8 +47,8 @@ def read_outputs(
 
 #: XLA:CPU runs a loop body's kernels one after another, without building a
 #: dependency graph, only when every buffer they touch is at most this many
-#: bytes (its ThunkExecutor's default threshold; measured: a Dopri5 loop on a
-#: 2-vector runs 2.6x slower once a 528-byte buffer joins its body).
+#: bytes (its ThunkExecutor's default threshold; benchmarks/BOUNDS.md measures
+#: what crossing it costs a small state's step).
 SMALL_BUFFER_BYTES = 512
 
 
