@@ -138,6 +138,29 @@ def _two_moons(n: int, seed: int) -> np.ndarray:
     return pts + rng.normal(size=pts.shape) * 0.05
 
 
+def _long_horizon(
+    name: str, prefix: str, group: str, params: Layers, max_steps: int, flow: str,
+    batch: int, width: int,
+) -> Problem:  # fmt: skip
+    """∇ of Σ y(T)² for an autonomous MLP field, T from the name after `prefix`."""
+    horizon = float(name.removeprefix(prefix))
+    return Problem(
+        name=name,
+        group=group,
+        kind="grad",
+        field="mlp",
+        dtype="float32",
+        y0=_normal((batch, 2), seed=8),
+        ts=np.array([0.0, horizon]),
+        params=params,
+        rtol=1e-6,
+        atol=1e-8,
+        max_steps=max_steps,
+        description=f"∇ of Σ y(T)² at T={horizon:g}, batch ({batch}, 2), "
+        f"MLP 2→{width}→{width}→2 tanh {flow}, float32",
+    )
+
+
 def get_problem(name: str, quick: bool = False) -> Problem:
     """Build problem `name`; `quick` shrinks sizes so a run takes seconds."""
     batch, width = (16, 16) if quick else (256, 64)
@@ -217,40 +240,15 @@ def get_problem(name: str, quick: bool = False) -> Problem:
             "tanh of [t, z], exact trace, t∈[0,1], rtol=atol=1e-5, float32",
         )
     if name.startswith("mem-T"):
-        horizon = float(name.removeprefix("mem-T"))
-        return Problem(
-            name=name,
-            group="mem-scaling",
-            kind="grad",
-            field="mlp",
-            dtype="float32",
-            y0=_normal((batch, 2), seed=8),
-            ts=np.array([0.0, horizon]),
-            params=contracting_layers(
-                width, rate=1.0, fixed_point=np.array([0.5, -0.5])
-            ),
-            rtol=1e-6,
-            atol=1e-8,
-            max_steps=4096,
-            description=f"∇ of Σ y(T)² at T={horizon:g}, batch ({batch}, 2), "
-            f"MLP 2→{width}→{width}→2 tanh with a contracting flow, float32",
-        )
+        params = contracting_layers(width, rate=1.0, fixed_point=np.array([0.5, -0.5]))
+        return _long_horizon(
+            name, "mem-T", "mem-scaling", params, 4096, "with a contracting flow",
+            batch, width,
+        )  # fmt: skip
     if name.startswith("nc-T"):
-        horizon = float(name.removeprefix("nc-T"))
-        return Problem(
-            name=name,
-            group="non-contracting",
-            kind="grad",
-            field="mlp",
-            dtype="float32",
-            y0=_normal((batch, 2), seed=8),
-            ts=np.array([0.0, horizon]),
-            params=mlp_layers([2, width, width, 2], gain=4.5, seed=0),
-            rtol=1e-6,
-            atol=1e-8,
-            max_steps=16384,
-            description=f"∇ of Σ y(T)² at T={horizon:g}, batch ({batch}, 2), "
-            f"MLP 2→{width}→{width}→2 tanh (gain 4.5), a flow that does not "
-            "contract, float32",
-        )
+        params = mlp_layers([2, width, width, 2], gain=4.5, seed=0)
+        return _long_horizon(
+            name, "nc-T", "non-contracting", params, 16384,
+            "(gain 4.5), a flow that does not contract", batch, width,
+        )  # fmt: skip
     raise KeyError(f"unknown problem {name!r}; known: {', '.join(PROBLEM_NAMES)}")
