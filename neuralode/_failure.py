@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, PyTree
 
-from ._integrate import LoopStats
+from ._integrate import RESOLVED_SPACINGS, LoopStats
 from ._solution import RESULTS
 
 # Explicit RK methods leave their stability region on the negative real axis at
@@ -112,9 +112,6 @@ class Failure(NamedTuple):
     num_accepted: Array
 
 
-#: A step shorter than this many spacings of the time dtype at t has stage
-#: times that round onto each other: its error estimate means nothing.
-TIME_RESOLUTION_SPACINGS = 16
 #: Growth of the state's RMS norm (over max(1, its initial norm)) past which a
 #: collapsing step size is read as a blow-up rather than stiffness.
 _BLOW_UP_GROWTH = 1e4
@@ -122,7 +119,7 @@ _BLOW_UP_GROWTH = 1e4
 
 def _time_resolution_limited(t: float, h: float, time_dtype: str) -> bool:
     spacing = float(np.spacing(np.asarray(abs(t), dtype=time_dtype)))
-    return abs(h) <= TIME_RESOLUTION_SPACINGS * spacing
+    return abs(h) <= RESOLVED_SPACINGS * spacing
 
 
 def failure_message(failure: Failure, max_steps: int, solver_name: str,

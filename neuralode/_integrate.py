@@ -149,18 +149,17 @@ def attempt_step(
     real = jnp.real(y[0]).dtype
     pair = step.stiffness_pair if estimate_stiffness else None
     finite, error_sums, stiff_sums = _step_sums(config, y, step, pair, real)
+    if config.adaptive:
+        sizes = [leaf.size for leaf in y]
+        err = lax.stop_gradient(norm_of_sums(error_sums, sizes, config.norm_groups))
+        finite = finite & ~jnp.isnan(err)
+    else:
+        err = jnp.full((), jnp.nan, real)
     valid = finite
     if config.time_dependent:
         user_t = lax.stop_gradient(origin) + t_sg
         spacings = RESOLVED_SPACINGS * time_spacing(user_t)
         valid = valid & (jnp.abs(lax.stop_gradient(h)) > spacings)
-    if config.adaptive:
-        sizes = [leaf.size for leaf in y]
-        err = lax.stop_gradient(norm_of_sums(error_sums, sizes, config.norm_groups))
-        finite = finite & ~jnp.isnan(err)
-        valid = valid & ~jnp.isnan(err)
-    else:
-        err = jnp.full((), jnp.nan, real)
     outcome = StepOutcome(
         t_sg, lax.stop_gradient(h), h_proposed, clipped, err, valid, err_prev,
         rejected_last, solver.error_exponent,

@@ -12,6 +12,7 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Float, PyTree
 
 from ._adjoint import AbstractAdjoint, BacksolveAdjoint
+from ._problem import check_throw
 from ._solution import Solution
 from ._solve import solve
 from ._solvers import AbstractSolver, Dopri5
@@ -63,13 +64,6 @@ def solver_options(layer: Any) -> dict[str, Any]:
     """The `odeint`/`solve` keywords stored on a layer (`NeuralODE`, `CNF`)."""
     names = ("solver", "rtol", "atol", "dt0", "max_steps", "adjoint")
     return {name: getattr(layer, name) for name in names}
-
-
-def check_throw(throw: Any) -> bool:
-    """`throw` must be a Python bool (it decides what the program contains)."""
-    if not isinstance(throw, bool):
-        raise TypeError(f"`throw` must be True or False; got {throw!r}.")
-    return throw
 
 
 @final

@@ -129,6 +129,13 @@ def check_tolerances(rtol: Any, atol: Any) -> tuple[float, float]:
     return values[0], values[1]
 
 
+def check_throw(throw: Any) -> bool:
+    """`throw` must be a Python bool: it decides what the program contains."""
+    if not isinstance(throw, bool):
+        raise TypeError(f"neuralode: throw must be True or False, got {throw!r}")
+    return throw
+
+
 #: The largest max_steps: the loop counts steps in int32.
 MAX_STEPS_LIMIT = 2**31 - 2
 

@@ -17,6 +17,7 @@ from ._integrate import LoopStats, SolverConfig
 from ._problem import (
     check_precision,
     check_steps,
+    check_throw,
     check_tolerances,
     check_ts,
     make_problem,
@@ -155,8 +156,7 @@ def _prepare(
             "neuralode: controller must be PIController() or ConstantStepSize(), got "
             f"{controller!r}"
         )
-    if not isinstance(throw, bool):
-        raise TypeError(f"neuralode: throw must be True or False, got {throw!r}")
+    check_throw(throw)
     dt0 = check_steps(solver, dt0, max_steps, controller.adaptive)
     if not isinstance(adjoint, AbstractAdjoint):
         raise TypeError(

@@ -13,7 +13,8 @@ import jax.random as jr
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
 from .._adjoint import AbstractAdjoint, BacksolveAdjoint
-from .._neural_ode import check_int, check_throw, concrete_time, solver_options
+from .._neural_ode import check_int, concrete_time, solver_options
+from .._problem import check_throw
 from .._solve import solve
 from .._solvers import AbstractSolver, Dopri5
 from ..nn import ConcatSquashMLP, MLPField
