@@ -16,11 +16,13 @@ from ._controller import (
     PIController as PIController,
     StepOutcome as StepOutcome,
 )
+from ._esdirk import Kvaerno5 as Kvaerno5
 from ._failure import (
     SolveError as SolveError,
     reraise_failures as reraise_failures,
 )
 from ._neural_ode import NeuralODE as NeuralODE
+from ._rosenbrock import Rodas5P as Rodas5P
 from ._solution import RESULTS as RESULTS, Solution as Solution
 from ._solve import (
     backward_stats as backward_stats,

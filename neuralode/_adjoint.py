@@ -394,6 +394,7 @@ class BacksolveAdjoint(AbstractAdjoint):
                 num_steps=stats.num_steps + st.num_steps,
                 num_accepted=stats.num_accepted + st.num_accepted,
                 num_fevals=stats.num_fevals + st.num_fevals,
+                num_jacobians=stats.num_jacobians + st.num_jacobians,
                 result=keep(stats.result, st.result),
                 t_reached=jnp.where(
                     failed_before,
@@ -425,8 +426,9 @@ class BacksolveAdjoint(AbstractAdjoint):
         real = jnp.real(jnp.zeros((), dtype)).dtype
         nan = jnp.full((), jnp.nan, real)
         stats0 = LoopStats(
-            zero, zero, zero, zero, -grid[last], nan, nan, drift=jnp.zeros((), real)
-        )
+            zero, zero, zero, zero, -grid[last], nan, nan, drift=jnp.zeros((), real),
+            num_jacobians=zero,
+        )  # fmt: skip
         seed = at(ys_grid_bar, last)
         init = BackwardState(
             at(ys_grid, last), seed, g_zero, last + zero, jnp.zeros((), tau.dtype),

@@ -51,7 +51,7 @@ from ._adjoint_common import (
     time_cotangents,
     zero_cotangent,
 )
-from ._integrate import LoopOptions, integrate
+from ._integrate import LoopOptions, integrate, tolerances
 from ._state import State, select
 from ._step_record import StepRecord, kept_slots, thinned_stride
 
@@ -75,11 +75,15 @@ class _Step(eqx.Module):
     # Step times are measured from here (see `_step_times`); not differentiated.
     origin: jax.Array
     dense: bool = eqx.field(static=True)
+    # (rtol, atol) of the solve, for the nonlinear solves of implicit methods.
+    tolerances: tuple[float, float] = eqx.field(static=True)
 
     def __call__(self, y: State, theta, t, t_new) -> tuple[State, State | None]:
         p = self.params(theta, self.arrays)
         f = lambda s, x: self.problem.f_flat(self.origin + s, x, p, self.direction)
-        result = self.solver.step(f, t, y, f(t, y), t_new - t, dense=self.dense)
+        result = self.solver.step(
+            f, t, y, f(t, y), t_new - t, dense=self.dense, tolerances=self.tolerances
+        )
         return result.y1, result.dense
 
 
@@ -606,6 +610,7 @@ class CheckpointAdjoint(AbstractAdjoint):
             direction,
             origin,
             dense,
+            tolerances(config),
         )
 
         valid = jnp.arange(times.shape[0], dtype=record.count.dtype) <= record.count

@@ -95,6 +95,10 @@ class Attempt(NamedTuple):
     err: Array
     h_next: Array
     stiffness: Array
+    # Whether an implicit method's nonlinear solves converged (else True).
+    converged: Bool[Array, ""]
+    # (vector-field, Jacobian) evaluations of a method of varying cost, or None.
+    cost: tuple[Array, Array] | None
 
 
 def time_spacing(t: Array) -> Array:
@@ -145,7 +149,7 @@ def attempt_step(
     t_new = jnp.where(clipped, t_target, t_try)
     h = t_new - t_sg
     solver = config.solver
-    step = solver.step(f, t, y, f0, h, dense=dense)
+    step = solver.step(f, t, y, f0, h, dense=dense, tolerances=tolerances(config))
     real = jnp.real(y[0]).dtype
     pair = step.stiffness_pair if estimate_stiffness else None
     finite, error_sums, stiff_sums = _step_sums(config, y, step, pair, real)
@@ -155,7 +159,8 @@ def attempt_step(
         finite = finite & ~jnp.isnan(err)
     else:
         err = jnp.full((), jnp.nan, real)
-    valid = finite
+    converged = jnp.ones((), bool) if step.converged is None else step.converged
+    valid = finite & converged
     if config.time_dependent:
         user_t = lax.stop_gradient(origin) + t_sg
         spacings = RESOLVED_SPACINGS * time_spacing(user_t)
@@ -174,8 +179,14 @@ def attempt_step(
         lipschitz = jnp.sqrt(jnp.where(den > 0, num / jnp.where(den > 0, den, 1), 0))
         stiffness = jnp.abs(h).astype(real) * lipschitz
     return Attempt(
-        t_new, h, step.y1, step.f1, step.dense, accept, finite, err, h_next, stiffness
-    )
+        t_new, h, step.y1, step.f1, step.dense, accept, finite, err, h_next,
+        stiffness, converged, step.cost,
+    )  # fmt: skip
+
+
+def tolerances(config: SolverConfig) -> tuple[float, float]:
+    """(rtol, atol) as a solver's nonlinear solves see them."""
+    return config.rtol, config.atol
 
 
 def _step_sums(config: SolverConfig, y: State, step, pair, real):
@@ -236,22 +247,27 @@ def failure_code(
     t_end: Array,
     num_steps: Array,
 ) -> Int[Array, ""]:
-    """The result code after a step: non-finite, underflow, max_steps or 0.
+    """The result code after a step: non-finite, underflow, Newton failure,
+    max_steps or 0.
 
     A rejected step whose successor could no longer move t (or, for fixed
     steps, any rejected step: they cannot shrink) ends the solve: non-finite
-    if the step had NaN/inf, else underflow (error control or time resolution).
+    if the step had NaN/inf, Newton failure if an implicit method's iterations
+    did not converge, else underflow (error control or time resolution).
     """
     unfinished = t_after < t_end
     if config.adaptive:
         stuck = underflowed(attempt.h_next, t_after)
     else:
         stuck = ~attempt.accept
-    code = jnp.where(
-        stuck & unfinished,
-        jnp.where(attempt.finite, RESULTS.dt_underflow, RESULTS.nonfinite),
-        RESULTS.successful,
+    cause = jnp.where(
+        attempt.finite,
+        jnp.where(
+            attempt.converged, RESULTS.dt_underflow, RESULTS.implicit_not_converged
+        ),
+        RESULTS.nonfinite,
     )
+    code = jnp.where(stuck & unfinished, cause, RESULTS.successful)
     code = jnp.where(
         (code == RESULTS.successful) & (num_steps >= config.max_steps) & unfinished,
         RESULTS.max_steps_reached,
@@ -277,6 +293,8 @@ class LoopStats(NamedTuple):
     # The largest drift of a backward solve's state from the forward one, in
     # units of the tolerance (BacksolveAdjoint only).
     drift: Float[Array, ""] | None = None
+    # Evaluations of ∂f/∂y (implicit methods).
+    num_jacobians: Int[Array, ""] | None = None
 
 
 class _ForwardState(NamedTuple):
@@ -295,6 +313,9 @@ class _ForwardState(NamedTuple):
     num_accepted: Array
     result: Array
     stiffness: Array
+    # (vector-field, Jacobian) evaluations so far, for a method whose steps
+    # vary in cost (else None: counted from the number of steps).
+    cost: tuple[Array, Array] | None
     # Only when recording the accepted steps (for CheckpointAdjoint):
     step_starts: State | None
     step_times: Array | None
@@ -524,6 +545,11 @@ def integrate(
             num_accepted=state.num_accepted + accept.astype(jnp.int32),
             result=failure_code(config, attempt, t, t_end, num_steps),
             stiffness=attempt.stiffness if track_stiffness else state.stiffness,
+            cost=(
+                None
+                if state.cost is None
+                else tuple(a + b for a, b in zip(state.cost, attempt.cost, strict=True))
+            ),
         )
 
     def slot_buffers(size: int):
@@ -554,6 +580,7 @@ def integrate(
         num_accepted=zero,
         result=zero,
         stiffness=jnp.zeros((), real),
+        cost=None if config.solver.fevals_per_step is not None else (zero, zero),
         step_starts=(
             tuple(jnp.zeros((n_record + thinning,) + y.shape, y.dtype) for y in y0)
             if record_steps
@@ -577,12 +604,16 @@ def integrate(
     else:
         final, buffers = chunked_loop(running, body, init, tau_out, chunk)
     ys, output_steps = read_outputs(final, *buffers, tau_out, t0, y0)
+    if final.cost is None:
+        step_fevals = final.num_steps * config.solver.fevals_per_step
+        step_jacobians = final.num_steps * config.solver.jacobians_per_step
+    else:
+        step_fevals, step_jacobians = final.cost
     stats = LoopStats(
         num_steps=final.num_steps,
         num_accepted=final.num_accepted,
-        num_fevals=(
-            1 + init_fevals + final.num_steps * config.solver.fevals_per_step
-        ).astype(jnp.int32),
+        num_fevals=(1 + init_fevals + step_fevals).astype(jnp.int32),
+        num_jacobians=step_jacobians.astype(jnp.int32),
         result=final.result,
         t_reached=origin + final.t,
         h_last=final.h,

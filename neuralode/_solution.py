@@ -21,6 +21,7 @@ class _Results:
     nonfinite: ClassVar[int] = 3
     adjoint_drift: ClassVar[int] = 4
     invalid_ts: ClassVar[int] = 5
+    implicit_not_converged: ClassVar[int] = 6
 
     _messages: ClassVar[dict[int, str]] = {
         0: "successful",
@@ -29,6 +30,7 @@ class _Results:
         3: "non-finite values in the state or vector field",
         4: "the backward solve of BacksolveAdjoint lost the forward solution",
         5: "ts not finite and strictly monotonic (checked at run time)",
+        6: "the implicit solver's Newton iterations did not converge",
     }
 
     def message(self, code: int) -> str:
@@ -50,7 +52,8 @@ class Solution(eqx.Module):
     - `ts`: the output times, as given.
     - `ys`: the solution at `ts`, a pytree like `y0` with a leading axis `len(ts)`.
     - `stats`: integer arrays `num_steps` (accepted + rejected), `num_accepted`,
-      `num_rejected`, `num_fevals` (vector-field evaluations of the forward solve).
+      `num_rejected`, `num_fevals` (vector-field evaluations of the forward
+      solve), `num_jacobians` (evaluations of ∂f/∂y: implicit methods only).
     - `result`: 0 on success, else a code of `neuralode.RESULTS`.
     """
 

@@ -142,6 +142,7 @@ def _stats_dict(stats: LoopStats) -> dict[str, Array]:
         "num_accepted": stats.num_accepted,
         "num_rejected": stats.num_steps - stats.num_accepted,
         "num_fevals": stats.num_fevals,
+        "num_jacobians": stats.num_jacobians,
     }
 
 

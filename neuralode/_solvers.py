@@ -1,4 +1,6 @@
-"""Explicit Runge–Kutta solvers: one generic step driven by a Butcher tableau."""
+"""The solver interface, and the explicit Runge–Kutta solvers: one generic step
+driven by a Butcher tableau. The implicit methods are in `_rosenbrock`,
+`_esdirk` and `_auto_switch`."""
 
 from typing import ClassVar, NamedTuple
 
@@ -27,6 +29,12 @@ class StepResult(NamedTuple):
     f1: State
     dense: State | None
     stiffness_pair: tuple[State, State] | None = None
+    # Implicit methods: whether the step's nonlinear (Newton) solves converged;
+    # a step that did not is rejected and retried smaller.
+    converged: Array | None = None
+    # Methods of varying cost (see `AbstractSolver.fevals_per_step`): the
+    # (vector-field, Jacobian) evaluations this attempt made.
+    cost: tuple[Array, Array] | None = None
 
 
 def _combine_leaf(y: Array, h: Array, weights, stages: list[Array]) -> Array:
@@ -75,6 +83,68 @@ def runge_kutta_step(
 
 
 class AbstractSolver(eqx.Module):
+    """A one-step method: what the integration loop asks of every solver.
+
+    `step` takes one trial step; the properties tell the loop how to control
+    and account for it. Subclasses: `AbstractExplicitRungeKutta` (the explicit
+    tableaus), `Rodas5P`, `Kvaerno5`, `AutoSwitch`.
+    """
+
+    @property
+    def order(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether the method has an error estimate (else it needs `dt0`)."""
+        raise NotImplementedError
+
+    @property
+    def error_exponent(self) -> float:
+        """1/q with q = (order of the error estimate) + 1, for step control."""
+        raise NotImplementedError
+
+    @property
+    def dense_degree(self) -> int:
+        """The number of coefficient vectors of the step's interpolant."""
+        raise NotImplementedError
+
+    @property
+    def fevals_per_step(self) -> int | None:
+        """Vector-field evaluations per step (not counting Jacobians), or None
+        for a method whose steps vary in cost and report it (`StepResult.cost`)."""
+        raise NotImplementedError
+
+    @property
+    def jacobians_per_step(self) -> int:
+        """Jacobian evaluations ∂f/∂y per step (when `fevals_per_step` is fixed)."""
+        return 0
+
+    @property
+    def stiffness_stage(self) -> int | None:
+        """A stage whose difference from f(y1) estimates h·|λ| (see
+        `AbstractExplicitRungeKutta`), or None."""
+        return None
+
+    def step(
+        self,
+        f: FlatField,
+        t: Array,
+        y: State,
+        f0: State,
+        h: Array,
+        dense: bool = True,
+        tolerances: tuple[float, float] = (1e-6, 1e-8),
+    ) -> StepResult:
+        """Take one trial step of size h from (t, y) with f0 = f(t, y).
+
+        `tolerances` = (rtol, atol) of the solve, for methods that iterate
+        (their nonlinear solves converge to a fraction of it).
+        """
+        raise NotImplementedError
+
+
+class AbstractExplicitRungeKutta(AbstractSolver):
     """An explicit Runge–Kutta method: a tableau and an interpolant.
 
     Subclasses set the class variables `tableau` and `interpolation`
@@ -113,7 +183,14 @@ class AbstractSolver(eqx.Module):
         return self.tableau.num_stages - 1 + (0 if self.tableau.fsal else 1)
 
     def step(
-        self, f: FlatField, t: Array, y: State, f0: State, h: Array, dense: bool = True
+        self,
+        f: FlatField,
+        t: Array,
+        y: State,
+        f0: State,
+        h: Array,
+        dense: bool = True,
+        tolerances: tuple[float, float] = (1e-6, 1e-8),
     ) -> StepResult:
         """Take one trial step of size h from (t, y) with f0 = f(t, y).
 
@@ -172,7 +249,7 @@ class AbstractSolver(eqx.Module):
         return df, dy
 
 
-class Dopri5(AbstractSolver):
+class Dopri5(AbstractExplicitRungeKutta):
     """Dormand–Prince 5(4), FSAL, with Hairer's 4th-order dense output.
 
     The default solver (MATLAB's ode45, scipy's RK45). Dormand & Prince (1980),
@@ -183,7 +260,7 @@ class Dopri5(AbstractSolver):
     interpolation: ClassVar[str] = "polynomial"
 
 
-class Tsit5(AbstractSolver):
+class Tsit5(AbstractExplicitRungeKutta):
     """Tsitouras 5(4), FSAL, with its own 4th-order interpolant.
 
     Tsitouras (2011), Comput. Math. Appl. 62, 770–775.
@@ -193,7 +270,7 @@ class Tsit5(AbstractSolver):
     interpolation: ClassVar[str] = "polynomial"
 
 
-class Bosh3(AbstractSolver):
+class Bosh3(AbstractExplicitRungeKutta):
     """Bogacki–Shampine 3(2), FSAL, with Hermite cubic dense output.
 
     Bogacki & Shampine (1989), Appl. Math. Lett. 2, 321–325.
@@ -203,7 +280,7 @@ class Bosh3(AbstractSolver):
     interpolation: ClassVar[str] = "hermite"
 
 
-class Fehlberg45(AbstractSolver):
+class Fehlberg45(AbstractExplicitRungeKutta):
     """Runge–Kutta–Fehlberg 4(5) (4th order propagated), Hermite dense output.
 
     Fehlberg (1969), NASA Technical Report R-315.
@@ -213,21 +290,21 @@ class Fehlberg45(AbstractSolver):
     interpolation: ClassVar[str] = "hermite"
 
 
-class Euler(AbstractSolver):
+class Euler(AbstractExplicitRungeKutta):
     """Explicit Euler, order 1, fixed step (needs `dt0`), linear dense output."""
 
     tableau: ClassVar[ButcherTableau] = tableaus.EULER
     interpolation: ClassVar[str] = "linear"
 
 
-class Midpoint(AbstractSolver):
+class Midpoint(AbstractExplicitRungeKutta):
     """Explicit midpoint rule, order 2, fixed step (needs `dt0`), Hermite output."""
 
     tableau: ClassVar[ButcherTableau] = tableaus.MIDPOINT
     interpolation: ClassVar[str] = "hermite"
 
 
-class RK4(AbstractSolver):
+class RK4(AbstractExplicitRungeKutta):
     """The classical Runge–Kutta method, order 4, fixed step (needs `dt0`)."""
 
     tableau: ClassVar[ButcherTableau] = tableaus.RK4

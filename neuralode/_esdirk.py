@@ -1,0 +1,215 @@
+"""ESDIRK methods: implicit stages solved by simplified Newton iterations."""
+
+from __future__ import annotations
+
+from typing import ClassVar, NamedTuple
+
+import equinox as eqx
+import jax
+import jax.lax as lax
+import jax.numpy as jnp
+from jaxtyping import Array
+
+from . import _implicit_tableaus as tableaus, _interpolation as interp
+from ._controller import rms_norm
+from ._implicit_tableaus import ESDIRKTableau
+from ._linear_solve import (
+    LinearSolver,
+    common_dtype,
+    concat,
+    shifted_system,
+    split,
+)
+from ._rosenbrock import _add, _weighted_sum
+from ._solvers import AbstractSolver, StepResult
+from ._state import FlatField, State
+
+
+class _Newton(NamedTuple):
+    """The carry of a stage's Newton iteration."""
+
+    iteration: Array
+    z: State
+    # ‖Δz‖ of the last iteration (in units of the tolerance) and the
+    # contraction rate θ = ‖Δz_k‖/‖Δz_{k-1}‖ estimated from it.
+    norm: Array
+    rate: Array
+    converged: Array
+    diverged: Array
+
+
+class Kvaerno5(AbstractSolver):
+    """Kvaerno5: an L-stable, stiffly accurate ESDIRK 5(4) method.
+
+    Stage i solves z_i = h f(t + c_i h, y + Σ_{j<i} a_ij z_j + γ z_i) for
+    z_i = h k_i by simplified Newton iterations with the one matrix
+    M = I − hγ J(t, y) of the step (factorised once, reused by all six
+    implicit stages). An iteration stops when its predicted remaining error
+    θ/(1 − θ)‖Δz‖ is below `newton_kappa` times the error tolerance (Hairer &
+    Wanner II, §IV.8); a stage whose iteration diverges (θ ≥ 1) or has not
+    converged in `max_newton_iterations` makes the step invalid, and the
+    controller retries it smaller. The converged stages are differentiated by
+    the implicit function theorem (`lax.custom_root`), never by unrolling the
+    iterations. Hermite cubic dense output.
+
+    **Arguments:**
+
+    - `linear_solver`: `"dense"`, `"matrix_free"` or `"auto"` (see `Rodas5P`).
+    - `newton_kappa`: the Newton tolerance as a fraction of the step's.
+    - `max_newton_iterations`: per stage.
+
+    Reference: Kværnø (2004), BIT Numer. Math. 44, 489–502.
+    """
+
+    linear_solver: LinearSolver = eqx.field(default="auto", static=True)
+    newton_kappa: float = eqx.field(default=0.01, static=True)
+    max_newton_iterations: int = eqx.field(default=10, static=True)
+
+    tableau: ClassVar[ESDIRKTableau] = tableaus.KVAERNO5
+
+    def __check_init__(self):
+        if self.linear_solver not in ("auto", "dense", "matrix_free"):
+            raise ValueError(
+                f"Kvaerno5: linear_solver must be 'auto', 'dense' or 'matrix_free', "
+                f"got {self.linear_solver!r}"
+            )
+        if not 0 < self.newton_kappa < 1:
+            raise ValueError(
+                f"Kvaerno5: newton_kappa must lie in (0, 1), got {self.newton_kappa}"
+            )
+        if self.max_newton_iterations < 1:
+            raise ValueError(
+                "Kvaerno5: max_newton_iterations must be at least 1, got "
+                f"{self.max_newton_iterations}"
+            )
+
+    @property
+    def order(self) -> int:
+        return self.tableau.order
+
+    @property
+    def adaptive(self) -> bool:
+        return True
+
+    @property
+    def error_exponent(self) -> float:
+        return 1.0 / (min(self.tableau.order, self.tableau.error_order) + 1)
+
+    @property
+    def dense_degree(self) -> int:
+        return 3
+
+    @property
+    def fevals_per_step(self) -> None:
+        # The Newton iterations make it vary: counted step by step.
+        return None
+
+    @property
+    def jacobians_per_step(self) -> int:
+        return 1
+
+    def step(
+        self,
+        f: FlatField,
+        t: Array,
+        y: State,
+        f0: State,
+        h: Array,
+        dense: bool = True,
+        tolerances: tuple[float, float] = (1e-6, 1e-8),
+    ) -> StepResult:
+        tab = self.tableau
+        real = jnp.real(y[0]).dtype
+        h_y = h.astype(real)
+        gamma = tab.gamma
+        system, _ = shifted_system(f, t, y, h_y * gamma, self.linear_solver)
+        rtol, atol = tolerances
+        scale = tuple(atol + rtol * jnp.abs(leaf).astype(real) for leaf in y)
+        z = [tuple(h_y * k for k in f0)]
+        converged = jnp.ones((), bool)
+        fevals = jnp.zeros((), jnp.int32)
+        for i in range(1, tab.num_stages):
+            base = _add(y, _weighted_sum(tab.a[i, :i], z))
+            t_i = t + float(tab.c[i]) * h
+            guess = _weighted_sum(tab.predictor[i, :i], z) or z[-1]
+            z_i, (ok, iterations) = self._stage(f, t_i, base, guess, h_y, system, scale)
+            z.append(z_i)
+            converged = converged & (ok > 0)
+            fevals = fevals + iterations.astype(jnp.int32)
+        # Stiffly accurate: y1 is the last stage's value. f(t + h, y1) is
+        # evaluated rather than taken as z_s/h (equal up to the Newton
+        # tolerance), so that the next step starts from f(t, y) exactly and a
+        # replayed step (CheckpointAdjoint) is the step that was taken.
+        y1 = _add(y, _weighted_sum(tab.b, z))
+        f1 = f(t + h, y1)
+        fevals = fevals + 1
+        y_error = _weighted_sum(tab.b_error, z)
+        coeffs = None
+        if dense:
+            coeffs = tuple(
+                interp.hermite_coefficients(a, b, c, d, h_y)
+                for a, b, c, d in zip(y, y1, f0, f1, strict=True)
+            )
+        return StepResult(
+            y1,
+            y_error,
+            f1,
+            coeffs,
+            converged=converged,
+            cost=(fevals, jnp.ones((), jnp.int32)),
+        )
+
+    def _stage(self, f, t_i, base, guess, h_y, system, scale):
+        """z with z = h f(t_i, base + γ z), and (converged, iterations)."""
+        gamma = self.tableau.gamma
+        kappa, max_iterations = self.newton_kappa, self.max_newton_iterations
+        real = jnp.real(base[0]).dtype
+
+        def residual(z: State) -> State:
+            f_z = f(t_i, tuple(b + gamma * x for b, x in zip(base, z, strict=True)))
+            return tuple(x - h_y * fx for x, fx in zip(z, f_z, strict=True))
+
+        def newton(residual, z0):
+            def body(c: _Newton) -> _Newton:
+                dz = system.solve(tuple(-r for r in residual(c.z)))
+                z = tuple(a + b for a, b in zip(c.z, dz, strict=True))
+                norm = rms_norm(tuple(d / s for d, s in zip(dz, scale, strict=True)))
+                norm = norm.astype(real)
+                first = c.iteration == 0
+                rate = jnp.where(first, 1.0, norm / jnp.maximum(c.norm, 1e-30))
+                # First iteration: no rate yet, so ask ‖Δz‖ itself to be small.
+                remaining = jnp.where(
+                    first, norm, rate / jnp.maximum(1 - rate, 1e-30) * norm
+                )
+                finite = jnp.isfinite(norm)
+                converged = finite & ((remaining <= kappa) | (norm == 0))
+                diverged = ~finite | (~first & (rate >= 1) & ~converged)
+                return _Newton(c.iteration + 1, z, norm, rate, converged, diverged)
+
+            def running(c: _Newton):
+                return ~c.converged & ~c.diverged & (c.iteration < max_iterations)
+
+            init = _Newton(
+                jnp.zeros((), jnp.int32),
+                z0,
+                jnp.ones((), real),
+                jnp.ones((), real),
+                jnp.zeros((), bool),
+                jnp.zeros((), bool),
+            )
+            final = lax.while_loop(running, body, init)
+            ok = (final.converged & ~final.diverged).astype(real)
+            return final.z, (ok, final.iteration.astype(real))
+
+        def tangent_solve(linear, rhs: State) -> State:
+            # The exact derivative at the root: ∂R/∂z = I − hγ J(t_i, Y_i).
+            dtype = common_dtype(rhs)
+            flat = lambda v: concat(linear(split(v, rhs)), dtype)
+            x0 = concat(rhs, dtype)
+            if system.lu is not None:
+                matrix = jax.jacfwd(flat)(jnp.zeros_like(x0))
+                return split(jnp.linalg.solve(matrix, x0), rhs)
+            x, _ = jax.scipy.sparse.linalg.gmres(flat, x0, tol=system.tol, atol=0.0)
+            return split(x, rhs)
+
+        return lax.custom_root(residual, guess, newton, tangent_solve, has_aux=True)
