@@ -8,6 +8,7 @@ from ._adjoint import (
     BacksolveAdjoint as BacksolveAdjoint,
     ForwardMode as ForwardMode,
 )
+from ._auto_switch import AutoSwitch as AutoSwitch
 from ._checkpoint_adjoint import CheckpointAdjoint as CheckpointAdjoint
 from ._controller import (
     AbstractController as AbstractController,

@@ -77,13 +77,23 @@ class _Step(eqx.Module):
     dense: bool = eqx.field(static=True)
     # (rtol, atol) of the solve, for the nonlinear solves of implicit methods.
     tolerances: tuple[float, float] = eqx.field(static=True)
+    # A switching solver's method of each step, and the step start times to
+    # find a step by (inf past the last step); None for other solvers.
+    modes: jax.Array | None = None
+    mode_times: jax.Array | None = None
 
     def __call__(self, y: State, theta, t, t_new) -> tuple[State, State | None]:
         p = self.params(theta, self.arrays)
         f = lambda s, x: self.problem.f_flat(self.origin + s, x, p, self.direction)
+        switch = {}
+        if self.modes is not None:
+            # t is exactly the start time of the step being replayed.
+            k = jnp.searchsorted(self.mode_times, lax.stop_gradient(t))
+            switch = {"mode": self.modes[jnp.minimum(k, self.modes.shape[0] - 1)]}
         result = self.solver.step(
-            f, t, y, f(t, y), t_new - t, dense=self.dense, tolerances=self.tolerances
-        )
+            f, t, y, f(t, y), t_new - t, dense=self.dense, tolerances=self.tolerances,
+            **switch,
+        )  # fmt: skip
         return result.y1, result.dense
 
 
@@ -612,8 +622,17 @@ class CheckpointAdjoint(AbstractAdjoint):
             dense,
             tolerances(config),
         )
-
         valid = jnp.arange(times.shape[0], dtype=record.count.dtype) <= record.count
+        if record.modes is not None:
+            step = eqx.tree_at(
+                lambda s: (s.modes, s.mode_times),
+                step,
+                (
+                    record.modes,
+                    jnp.where(valid, lax.stop_gradient(record.times), jnp.inf),
+                ),
+                is_leaf=lambda x: x is None,
+            )
         # Output i lies in step k_i: s_k < τ_i - τ_0 <= s_{k+1}; k_i = -1 means
         # τ_i = τ_0.
         since = lax.stop_gradient(tau - tau[0])

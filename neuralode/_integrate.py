@@ -126,6 +126,7 @@ def attempt_step(
     origin: Array,
     dense: bool = True,
     estimate_stiffness: bool = True,
+    mode: Array | None = None,
 ) -> Attempt:
     """Try a step from t towards t_target, never past it; the controller decides.
 
@@ -134,7 +135,8 @@ def attempt_step(
     step that would stop within a few ULPs of t_target is stretched to land
     exactly on it. Step-size decisions are made on `stop_gradient` values.
     `Attempt.stiffness` is h·ρ̂ if `estimate_stiffness` and the method has a
-    stiffness stage, else NaN.
+    stiffness stage, else NaN. `mode` selects the method of a switching solver
+    (`AutoSwitch`).
     """
     h_proposed = lax.stop_gradient(h_proposed)
     t_sg = lax.stop_gradient(t)
@@ -149,7 +151,10 @@ def attempt_step(
     t_new = jnp.where(clipped, t_target, t_try)
     h = t_new - t_sg
     solver = config.solver
-    step = solver.step(f, t, y, f0, h, dense=dense, tolerances=tolerances(config))
+    switch = {} if mode is None else {"mode": mode}
+    step = solver.step(
+        f, t, y, f0, h, dense=dense, tolerances=tolerances(config), **switch
+    )
     real = jnp.real(y[0]).dtype
     pair = step.stiffness_pair if estimate_stiffness else None
     finite, error_sums, stiff_sums = _step_sums(config, y, step, pair, real)
@@ -182,6 +187,11 @@ def attempt_step(
         t_new, h, step.y1, step.f1, step.dense, accept, finite, err, h_next,
         stiffness, converged, step.cost,
     )  # fmt: skip
+
+
+def is_switching(solver: AbstractSolver) -> bool:
+    """Whether the solver switches between methods within a solve (`AutoSwitch`)."""
+    return getattr(solver, "switching", False)
 
 
 def tolerances(config: SolverConfig) -> tuple[float, float]:
@@ -295,6 +305,8 @@ class LoopStats(NamedTuple):
     drift: Float[Array, ""] | None = None
     # Evaluations of ∂f/∂y (implicit methods).
     num_jacobians: Int[Array, ""] | None = None
+    # A switching solver's [number of switches, accepted stiff steps].
+    switch_counts: Int[Array, " 2"] | None = None
 
 
 class _ForwardState(NamedTuple):
@@ -316,9 +328,15 @@ class _ForwardState(NamedTuple):
     # (vector-field, Jacobian) evaluations so far, for a method whose steps
     # vary in cost (else None: counted from the number of steps).
     cost: tuple[Array, Array] | None
+    # A switching solver's [method in use, votes to switch], the number of
+    # switches and of accepted steps with the stiff method (else None).
+    switch: Array | None
+    switch_counts: Array | None
     # Only when recording the accepted steps (for CheckpointAdjoint):
     step_starts: State | None
     step_times: Array | None
+    # A switching solver's method for each recorded step.
+    step_modes: Array | None
     stride: Array | None
     # The output times of the slots in this state's buffers: tau_out[base:][:K].
     window: Array
@@ -469,7 +487,10 @@ def integrate(
     width = n_out if chunk is None else chunk
     search = "compare_all" if width <= 128 else "scan_unrolled"
     # Only a diagnosing solve whose method has a stiffness stage carries h·ρ̂.
-    track_stiffness = diagnose_stiffness and config.solver.stiffness_stage is not None
+    switching = is_switching(config.solver)
+    track_stiffness = switching or (
+        diagnose_stiffness and config.solver.stiffness_stage is not None
+    )
 
     def write_slot(state: _ForwardState, attempt: Attempt):
         k = state.out_index - state.base
@@ -510,6 +531,7 @@ def integrate(
             origin,
             dense=dense_output,
             estimate_stiffness=track_stiffness,
+            mode=state.switch[0] if switching else None,
         )
         slots, slot_times, out_steps, out_index = write_slot(state, attempt)
         accept = attempt.accept
@@ -529,7 +551,17 @@ def integrate(
                     for buffer, y in zip(state.step_starts, state.y, strict=True)
                 ),
                 step_times=state.step_times.at[k + 1].set(attempt.t_new),
+                step_modes=(
+                    state.step_modes.at[k].set(state.switch[0]) if switching else None
+                ),
             )
+        switch, switch_counts = state.switch, state.switch_counts
+        if switching:
+            proposed = config.solver.next_switch_state(switch, attempt.stiffness)
+            switch = jnp.where(accept, proposed, switch)
+            switch_counts = switch_counts + jnp.stack(
+                [switch[0] != state.switch[0], accept & (state.switch[0] == 1)]
+            ).astype(jnp.int32)
         return state._replace(
             t=t,
             y=select(accept, attempt.y1, state.y),
@@ -550,6 +582,8 @@ def integrate(
                 if state.cost is None
                 else tuple(a + b for a, b in zip(state.cost, attempt.cost, strict=True))
             ),
+            switch=switch,
+            switch_counts=switch_counts,
         )
 
     def slot_buffers(size: int):
@@ -581,6 +615,13 @@ def integrate(
         result=zero,
         stiffness=jnp.zeros((), real),
         cost=None if config.solver.fevals_per_step is not None else (zero, zero),
+        switch=config.solver.initial_switch_state() if switching else None,
+        switch_counts=jnp.zeros(2, jnp.int32) if switching else None,
+        step_modes=(
+            jnp.zeros(config.max_steps, jnp.int32)
+            if record_steps and switching
+            else None
+        ),
         step_starts=(
             tuple(jnp.zeros((n_record + thinning,) + y.shape, y.dtype) for y in y0)
             if record_steps
@@ -614,6 +655,7 @@ def integrate(
         num_accepted=final.num_accepted,
         num_fevals=(1 + init_fevals + step_fevals).astype(jnp.int32),
         num_jacobians=step_jacobians.astype(jnp.int32),
+        switch_counts=final.switch_counts,
         result=final.result,
         t_reached=origin + final.t,
         h_last=final.h,
@@ -623,7 +665,11 @@ def integrate(
     )
     if record_steps:
         record = StepRecord(
-            final.step_starts, final.stride, final.step_times, final.num_accepted
+            final.step_starts,
+            final.stride,
+            final.step_times,
+            final.num_accepted,
+            final.step_modes,
         )
         return LoopResult(ys, stats, record)
     return LoopResult(ys, stats)

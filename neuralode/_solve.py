@@ -143,6 +143,14 @@ def _stats_dict(stats: LoopStats) -> dict[str, Array]:
         "num_rejected": stats.num_steps - stats.num_accepted,
         "num_fevals": stats.num_fevals,
         "num_jacobians": stats.num_jacobians,
+        **(
+            {}
+            if stats.switch_counts is None
+            else {
+                "num_switches": stats.switch_counts[0],
+                "num_stiff_steps": stats.switch_counts[1],
+            }
+        ),
     }
 
 

@@ -27,6 +27,8 @@ class StepRecord(NamedTuple):
     stride: Array
     times: Array
     count: Array
+    # A switching solver's method of each step (`AutoSwitch`), else None.
+    modes: Array | None = None
 
 
 def kept_slots(requested: int | None, max_steps: int) -> int:

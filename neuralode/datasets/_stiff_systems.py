@@ -32,9 +32,10 @@ def robertson(t: ArrayLike, y: Array, args: Array) -> Array:
 
 
 def van_der_pol(t: ArrayLike, y: Array, args: Array) -> Array:
-    """Van der Pol: y1' = y2, y2' = μ((1 - y1²) y2 - y1); `args` is μ."""
+    """Van der Pol, y'' − μ(1 − y²)y' + y = 0: y1' = y2, y2' = μ(1 − y1²) y2 − y1
+    (MATLAB's vdp1000 for μ = 10³); `args` is μ."""
     mu = args
-    return jnp.stack([y[1], mu * ((1 - y[0] ** 2) * y[1] - y[0])])
+    return jnp.stack([y[1], mu * (1 - y[0] ** 2) * y[1] - y[0]])
 
 
 def hires(t: ArrayLike, y: Array, args: None = None) -> Array:
