@@ -31,8 +31,17 @@ _STIFF_H_LAMBDA = 1.5
 _STIFF_ADVICE = (
     "The problem looks stiff: explicit Runge-Kutta methods must keep h·|λ| inside "
     "their small stability region, so the step size collapsed. Use an implicit "
-    "solver (e.g. diffrax.Kvaerno5 or scipy's Radau/LSODA), rescale the problem, "
-    "or, if the stiffness is a transient, raise max_steps."
+    "solver: solver=neuralode.Rodas5P() (Rosenbrock, one Jacobian per step), "
+    "neuralode.Kvaerno5() (ESDIRK with Newton iterations), or "
+    "neuralode.AutoSwitch() (explicit while non-stiff, Rodas5P while stiff)."
+)
+# Solvers that are not limited by explicit stability (by class name).
+_IMPLICIT_SOLVERS = frozenset({"Rodas5P", "Kvaerno5", "AutoSwitch"})
+_BACKSOLVE_ADVICE = (
+    " BacksolveAdjoint re-integrates the state backwards in time, where a decay "
+    "(a stiff or contracting problem) becomes growth. Use "
+    "adjoint=neuralode.CheckpointAdjoint() (the exact gradient of the discrete "
+    "solve, in bounded memory) or neuralode.ForwardMode() (for few parameters)."
 )
 
 
@@ -157,6 +166,11 @@ def failure_message(failure: Failure, max_steps: int, solver_name: str,
             "discrete solve, in bounded memory), or give BacksolveAdjoint more "
             "checkpoints (checkpoints=...) and tighter backward tolerances."
         )
+    elif code == RESULTS.implicit_not_converged:
+        head = (
+            f"neuralode: the Newton iterations of the implicit stages did not "
+            f"converge {where}, even as the step size shrank to {abs(f.h_last):.3g}"
+        )
     elif code == RESULTS.invalid_ts:
         return (
             "neuralode: ts must be finite and strictly increasing or strictly "
@@ -167,8 +181,29 @@ def failure_message(failure: Failure, max_steps: int, solver_name: str,
     else:
         head = f"neuralode: solve failed with {RESULTS.message(code)} {where}"
     msg = f"{head} [{solver_name}, {counts}]."
+    backward = "backward" in phase
+    if code == RESULTS.implicit_not_converged:
+        return (
+            msg
+            + (
+                " The vector field may be non-smooth or discontinuous here, or its "
+                "Jacobian inaccurate (a custom_jvp rule). Try "
+                "solver=neuralode.Rodas5P() (no Newton iterations) or raise Kvaerno5(max_newton_iterations=...)."
+            )
+            + (_BACKSOLVE_ADVICE if backward else "")
+        )
     if code not in (RESULTS.max_steps_reached, RESULTS.dt_underflow):
-        return msg
+        return msg + (_BACKSOLVE_ADVICE if backward else "")
+    msg = _diagnosis(f, msg, solver_name, time_dtype, time_dependent)
+    return msg + (_BACKSOLVE_ADVICE if backward else "")
+
+
+def _diagnosis(
+    f: Failure, msg: str, solver_name: str, time_dtype: str, time_dependent: bool
+) -> str:
+    """Why a solve ran out of steps or step size: blow-up, time resolution,
+    stiffness (explicit solvers), tolerances."""
+    code = int(f.result)
     if np.isfinite(f.growth) and f.growth >= _BLOW_UP_GROWTH:
         return msg + (
             f" The state's norm grew {f.growth:.3g}-fold: the solution appears to "
@@ -183,7 +218,8 @@ def failure_message(failure: Failure, max_steps: int, solver_name: str,
             "(jax.config.update('jax_enable_x64', True)) or measure time from an "
             "origin nearer the solve."
         )
-    if np.isfinite(f.stiffness) and f.stiffness >= _STIFF_H_LAMBDA:
+    explicit = solver_name not in _IMPLICIT_SOLVERS
+    if explicit and np.isfinite(f.stiffness) and f.stiffness >= _STIFF_H_LAMBDA:
         return msg + (
             f" The step size had collapsed to {abs(f.h_last):.3g} on an interval of "
             f"{abs(f.t1 - f.t0):.3g}, with h·|λ| ≈ {f.stiffness:.2g} at the last "

@@ -1,6 +1,6 @@
 """The paper's demonstrations as command-line experiments.
 
-Each experiment module (`spiral`, `digits`, `cnf`) has a `NAME`, a `HELP`
+Each experiment module (`spiral`, `digits`, `cnf`, `stiff`) has a `NAME`, a `HELP`
 line, the default `STEPS`, the `QUICK` defaults of `--quick`,
 `add_arguments(parser)`, `configure(args)` (derived settings and checks),
 `build(args, key) -> (model, optimiser)` and `run(ctx) -> metrics`;
@@ -11,7 +11,7 @@ a checkpoint into the run directory.
 
 from types import ModuleType
 
-from . import cnf as cnf, digits as digits, spiral as spiral
+from . import cnf as cnf, digits as digits, spiral as spiral, stiff as stiff
 from ._output import UsageError as UsageError
 from ._run import (
     HelpFormatter as HelpFormatter,
@@ -20,4 +20,4 @@ from ._run import (
     prepare_run as prepare_run,
 )
 
-EXPERIMENTS: dict[str, ModuleType] = {m.NAME: m for m in (spiral, digits, cnf)}
+EXPERIMENTS: dict[str, ModuleType] = {m.NAME: m for m in (spiral, digits, cnf, stiff)}
