@@ -3,6 +3,7 @@
     python -m neuralode digits                 # ODE-Net on 8x8 digits
     python -m neuralode cnf --reg kinetic,jacobian
     python -m neuralode spiral --steps 3000
+    python -m neuralode stiff --solver kvaerno5   # Robertson's rate constants
     python -m neuralode digits --resume runs/digits-20250101-120000 --steps 2000
     python -m neuralode demo                   # solve Van der Pol and print it
 
