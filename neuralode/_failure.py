@@ -183,15 +183,12 @@ def failure_message(failure: Failure, max_steps: int, solver_name: str,
     msg = f"{head} [{solver_name}, {counts}]."
     backward = "backward" in phase
     if code == RESULTS.implicit_not_converged:
-        return (
-            msg
-            + (
-                " The vector field may be non-smooth or discontinuous here, or its "
-                "Jacobian inaccurate (a custom_jvp rule). Try "
-                "solver=neuralode.Rodas5P() (no Newton iterations) or raise Kvaerno5(max_newton_iterations=...)."
-            )
-            + (_BACKSOLVE_ADVICE if backward else "")
+        advice = (
+            " The vector field may be non-smooth or discontinuous here, or its "
+            "Jacobian inaccurate (a custom_jvp rule). Try solver=neuralode.Rodas5P() "
+            "(no Newton iterations) or raise Kvaerno5(max_newton_iterations=...)."
         )
+        return msg + advice + (_BACKSOLVE_ADVICE if backward else "")
     if code not in (RESULTS.max_steps_reached, RESULTS.dt_underflow):
         return msg + (_BACKSOLVE_ADVICE if backward else "")
     msg = _diagnosis(f, msg, solver_name, time_dtype, time_dependent)

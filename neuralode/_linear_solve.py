@@ -52,6 +52,13 @@ def split(vector: Array, like: State) -> State:
     return tuple(p.astype(leaf.dtype) for p, leaf in zip(parts, like, strict=True))
 
 
+def split_rows(matrix: Array, like: State) -> State:
+    """`split` for each row of a (q, n) matrix: leaves of shape (q, size)."""
+    sizes = np.cumsum([leaf.size for leaf in like])[:-1]
+    parts = jnp.split(matrix, sizes, axis=1)
+    return tuple(p.astype(leaf.dtype) for p, leaf in zip(parts, like, strict=True))
+
+
 def common_dtype(state: State):
     return jnp.result_type(*state)
 
