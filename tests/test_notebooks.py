@@ -1,4 +1,4 @@
-"""The notebooks run top to bottom: all four in their small mode
+"""The notebooks run top to bottom: all five in their small mode
 (NEURALODE_SMALL=1), and the cheapest one at its default (full) size."""
 
 from pathlib import Path
@@ -47,7 +47,7 @@ def run_notebook(path: Path, small: bool, timeout: int, monkeypatch) -> None:
 
 
 def test_notebooks_found():
-    assert [p.name[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04"]
+    assert [p.name[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04", "05"]
     assert FULL_SIZE in [p.stem for p in NOTEBOOKS]
 
 
