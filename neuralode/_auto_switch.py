@@ -18,7 +18,7 @@ from ._solvers import AbstractExplicitRungeKutta, AbstractSolver, StepResult, Ts
 from ._state import FlatField, State
 
 _NONSTIFF, _STIFF = 0, 1
-_POWER_ITERATIONS = 6
+_POWER_ITERATIONS = 5
 
 
 def stability_boundary(solver: AbstractExplicitRungeKutta) -> float:
@@ -40,7 +40,11 @@ class AutoSwitch(AbstractSolver):
     The solve starts with `nonstiff`. Each accepted step estimates h·ρ, ρ the
     spectral radius of ∂f/∂y: the explicit method's stiffness indicator
     (Hairer's, from two stages at t + h), the implicit one's a few power
-    iterations on its Jacobian. Hysteresis keeps the method from flickering:
+    iterations on its Jacobian. Hairer's indicator reads low once the stiff
+    components have decayed below the tolerance (tight tolerances), so every
+    `probe_every`-th explicit step also runs the power iterations (JVPs, about
+    a tenth of the explicit method's evaluations) and the larger estimate
+    counts. Hysteresis keeps the method from flickering:
     `stiff_steps` consecutive explicit steps with h·ρ above `switch_fraction`
     of the explicit method's stability boundary (its step size is being limited
     by stability, not accuracy) switch to `stiff`; `nonstiff_steps`
@@ -53,6 +57,7 @@ class AutoSwitch(AbstractSolver):
       stage (default `Tsit5()`).
     - `stiff`: `Rodas5P()` (default) or `Kvaerno5()`.
     - `stiff_steps`, `nonstiff_steps`, `switch_fraction`: the hysteresis.
+    - `probe_every`: explicit steps between power-iteration probes.
 
     Reference: the strategy of DifferentialEquations.jl's `AutoTsit5(Rodas5P())`
     (Rackauckas & Nie 2017) and of DOPRI5's stiffness detection (Hairer &
@@ -64,6 +69,7 @@ class AutoSwitch(AbstractSolver):
     stiff_steps: int = eqx.field(default=10, static=True)
     nonstiff_steps: int = eqx.field(default=3, static=True)
     switch_fraction: float = eqx.field(default=0.9, static=True)
+    probe_every: int = eqx.field(default=8, static=True)
 
     def __check_init__(self):
         if not isinstance(self.nonstiff, AbstractExplicitRungeKutta) or not (
@@ -77,8 +83,10 @@ class AutoSwitch(AbstractSolver):
             raise ValueError(
                 f"AutoSwitch: stiff must be Rodas5P() or Kvaerno5(), got {self.stiff!r}"
             )
-        if self.stiff_steps < 1 or self.nonstiff_steps < 1:
-            raise ValueError("AutoSwitch: stiff_steps and nonstiff_steps must be >= 1")
+        if self.stiff_steps < 1 or self.nonstiff_steps < 1 or self.probe_every < 1:
+            raise ValueError(
+                "AutoSwitch: stiff_steps, nonstiff_steps and probe_every must be >= 1"
+            )
         if not 0 < self.switch_fraction <= 1:
             raise ValueError(
                 f"AutoSwitch: switch_fraction must lie in (0, 1], got "
@@ -118,23 +126,30 @@ class AutoSwitch(AbstractSolver):
         """h·ρ above which an explicit step is limited by stability."""
         return self.switch_fraction * stability_boundary(self.nonstiff)
 
-    def initial_switch_state(self) -> Array:
-        """[method in use, consecutive steps voting to switch]."""
-        return jnp.array([_NONSTIFF, 0], jnp.int32)
+    def initial_switch_state(self, dtype) -> Array:
+        """[method in use, consecutive steps voting to switch, steps since the
+        last probe, the probe's ρ] (floats of the state's real dtype)."""
+        return jnp.array([_NONSTIFF, 0, 0, 0], dtype)
 
-    def next_switch_state(self, state: Array, stiffness: Array) -> Array:
-        """The switch state after an accepted step with estimate h·ρ̂ = `stiffness`."""
-        mode, count = state[0], state[1]
+    def next_switch_state(self, state: Array, stiffness: Array, h: Array) -> Array:
+        """The switch state after an accepted step of size h with h·ρ̂ = `stiffness`."""
+        mode, count, age, rho = state[0], state[1], state[2], state[3]
+        h = jnp.abs(h).astype(state.dtype)
+        stiffness = jnp.where(jnp.isfinite(stiffness), stiffness, 0).astype(state.dtype)
         stiff_now = mode == _STIFF
+        probed = ~stiff_now & (age == 0)
+        rho = jnp.where(probed, stiffness / jnp.maximum(h, 1e-300), rho)
+        estimate = jnp.where(stiff_now, stiffness, jnp.maximum(stiffness, h * rho))
         votes = jnp.where(
-            stiff_now, stiffness < self.threshold, stiffness > self.threshold
+            stiff_now, estimate < self.threshold, estimate > self.threshold
         )
-        votes = votes & jnp.isfinite(stiffness)
         count = jnp.where(votes, count + 1, 0)
         needed = jnp.where(stiff_now, self.nonstiff_steps, self.stiff_steps)
         switch = count >= needed
         mode = jnp.where(switch, 1 - mode, mode)
-        return jnp.stack([mode, jnp.where(switch, 0, count)]).astype(jnp.int32)
+        age = jnp.where(switch, 0, jnp.remainder(age + 1, self.probe_every))
+        rho = jnp.where(switch, 0, rho)
+        return jnp.stack([mode, jnp.where(switch, 0, count), age, rho])
 
     def step(
         self,
@@ -147,9 +162,10 @@ class AutoSwitch(AbstractSolver):
         tolerances: tuple[float, float] = (1e-6, 1e-8),
         mode: Array | None = None,
     ) -> StepResult:
-        """One step of the method `mode` selects (0 explicit, 1 implicit)."""
+        """One step of the method the switch state `mode` selects (its entry 0:
+        0 explicit, 1 implicit; see `initial_switch_state`)."""
         if mode is None:
-            raise ValueError("AutoSwitch.step needs the mode of the solve")
+            raise ValueError("AutoSwitch.step needs the switch state of the solve")
         degree = self.dense_degree
 
         def padded(result: StepResult, fevals: Array, jacobians: Array) -> StepResult:
@@ -173,6 +189,12 @@ class AutoSwitch(AbstractSolver):
             fevals = jnp.asarray(self.nonstiff.fevals_per_step, jnp.int32)
             return padded(result, fevals, jnp.zeros((), jnp.int32))
 
+        def probed():
+            result = explicit()
+            pair = _power_pair(f, t, y)
+            fevals = result.cost[0] + _POWER_ITERATIONS + 1
+            return result._replace(stiffness_pair=pair, cost=(fevals, result.cost[1]))
+
         def implicit():
             result = self.stiff.step(f, t, y, f0, h, dense, tolerances)
             if result.cost is None:
@@ -183,7 +205,8 @@ class AutoSwitch(AbstractSolver):
             pair = _power_pair(f, t, y)
             return padded(result._replace(stiffness_pair=pair), fevals, jacobians)
 
-        return lax.cond(mode == _STIFF, implicit, explicit)
+        branch = jnp.where(mode[0] == _STIFF, 2, jnp.where(mode[2] == 0, 1, 0))
+        return lax.switch(branch, [explicit, probed, implicit])
 
 
 def _power_pair(f: FlatField, t: Array, y: State) -> tuple[State, State]:

@@ -335,7 +335,7 @@ class _ForwardState(NamedTuple):
     # Only when recording the accepted steps (for CheckpointAdjoint):
     step_starts: State | None
     step_times: Array | None
-    # A switching solver's method for each recorded step.
+    # A switching solver's switch state at each recorded step.
     step_modes: Array | None
     stride: Array | None
     # The output times of the slots in this state's buffers: tau_out[base:][:K].
@@ -531,7 +531,7 @@ def integrate(
             origin,
             dense=dense_output,
             estimate_stiffness=track_stiffness,
-            mode=state.switch[0] if switching else None,
+            mode=state.switch if switching else None,
         )
         slots, slot_times, out_steps, out_index = write_slot(state, attempt)
         accept = attempt.accept
@@ -552,12 +552,14 @@ def integrate(
                 ),
                 step_times=state.step_times.at[k + 1].set(attempt.t_new),
                 step_modes=(
-                    state.step_modes.at[k].set(state.switch[0]) if switching else None
+                    state.step_modes.at[k].set(state.switch) if switching else None
                 ),
             )
         switch, switch_counts = state.switch, state.switch_counts
         if switching:
-            proposed = config.solver.next_switch_state(switch, attempt.stiffness)
+            proposed = config.solver.next_switch_state(
+                switch, attempt.stiffness, attempt.h
+            )
             switch = jnp.where(accept, proposed, switch)
             switch_counts = switch_counts + jnp.stack(
                 [switch[0] != state.switch[0], accept & (state.switch[0] == 1)]
@@ -615,10 +617,10 @@ def integrate(
         result=zero,
         stiffness=jnp.zeros((), real),
         cost=None if config.solver.fevals_per_step is not None else (zero, zero),
-        switch=config.solver.initial_switch_state() if switching else None,
+        switch=config.solver.initial_switch_state(real) if switching else None,
         switch_counts=jnp.zeros(2, jnp.int32) if switching else None,
         step_modes=(
-            jnp.zeros(config.max_steps, jnp.int32)
+            jnp.zeros((config.max_steps, 4), real)
             if record_steps and switching
             else None
         ),

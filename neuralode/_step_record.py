@@ -27,7 +27,7 @@ class StepRecord(NamedTuple):
     stride: Array
     times: Array
     count: Array
-    # A switching solver's method of each step (`AutoSwitch`), else None.
+    # A switching solver's switch state at each step (`AutoSwitch`), else None.
     modes: Array | None = None
 
 

@@ -82,12 +82,13 @@ class StiffSystem:
 
 
 def stiff_system(name: str, *, t1: float | None = None) -> StiffSystem:
-    """One of "robertson", "van_der_pol" (μ = 10³, two periods), "hires",
+    """One of "robertson", "van_der_pol" (μ = 10³, [0, 3000]), "hires",
     "orego", with its standard span (or ending at `t1`).
 
-    Robertson runs to 10⁵ by default (its standard 4·10¹⁰ needs float64);
-    Van der Pol with μ = 10³ has period ≈ (3 − 2 ln 2) μ ≈ 1614, so two periods
-    end at 3228 (from y0 = (2, 0), on the slow branch).
+    Robertson runs to 10⁵ by default (its standard 4·10¹⁰ needs float64).
+    Van der Pol with μ = 10³ (MATLAB's vdp1000 span) has period ≈ (3 − 2 ln 2)μ
+    ≈ 1614: from y0 = (2, 0) it jumps near t ≈ 807, 1614 and 2421, and ends on
+    a slow branch, almost two periods on.
     """
     systems = {
         "robertson": StiffSystem(
@@ -99,7 +100,7 @@ def stiff_system(name: str, *, t1: float | None = None) -> StiffSystem:
             np.array(ROBERTSON_RATES),
         ),
         "van_der_pol": StiffSystem(
-            "van_der_pol", van_der_pol, np.array([2.0, 0.0]), 0.0, 3228.0, 1e3
+            "van_der_pol", van_der_pol, np.array([2.0, 0.0]), 0.0, 3000.0, 1e3
         ),
         "hires": StiffSystem(
             "hires",
