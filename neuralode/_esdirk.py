@@ -8,6 +8,7 @@ import equinox as eqx
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array
 
 from . import _implicit_tableaus as tableaus, _interpolation as interp
@@ -20,7 +21,6 @@ from ._linear_solve import (
     shifted_system,
     split,
 )
-from ._rosenbrock import _add, _weighted_sum
 from ._solvers import AbstractSolver, StepResult
 from ._state import FlatField, State
 
@@ -125,25 +125,40 @@ class Kvaerno5(AbstractSolver):
         system, _ = shifted_system(f, t, y, h_y * gamma, self.linear_solver)
         rtol, atol = tolerances
         scale = tuple(atol + rtol * jnp.abs(leaf).astype(real) for leaf in y)
-        z = [tuple(h_y * k for k in f0)]
-        converged = jnp.ones((), bool)
-        fevals = jnp.zeros((), jnp.int32)
-        for i in range(1, tab.num_stages):
-            base = _add(y, _weighted_sum(tab.a[i, :i], z))
-            t_i = t + float(tab.c[i]) * h
-            guess = _weighted_sum(tab.predictor[i, :i], z) or z[-1]
-            z_i, (ok, iterations) = self._stage(f, t_i, base, guess, h_y, system, scale)
-            z.append(z_i)
-            converged = converged & (ok > 0)
-            fevals = fevals + iterations.astype(jnp.int32)
+        dtype = common_dtype(y)
+        x = concat(y, dtype)
+        s = tab.num_stages
+        lower, predictor, c, b, b_error = (
+            jnp.asarray(v, real)
+            for v in (np.tril(tab.a, -1), tab.predictor, tab.c, tab.b, tab.b_error)
+        )
+
+        # One stage body in a loop (not unrolled): a smaller program to
+        # compile. Row i of `stages` is z_i = h k_i (zero until solved).
+        def stage(i, carry):
+            stages, converged, fevals = carry
+            base = split(x + lower[i] @ stages, y)
+            guess = split(predictor[i] @ stages, y)
+            z_i, (ok, iterations) = self._stage(
+                f, t + c[i] * h, base, guess, h_y, system, scale
+            )
+            return (
+                stages.at[i].set(concat(z_i, dtype)),
+                converged & (ok > 0),
+                fevals + iterations.astype(jnp.int32),
+            )
+
+        first = jnp.zeros((s, x.size), dtype).at[0].set(h_y * concat(f0, dtype))
+        init = (first, jnp.ones((), bool), jnp.zeros((), jnp.int32))
+        stages, converged, fevals = lax.fori_loop(1, s, stage, init)
         # Stiffly accurate: y1 is the last stage's value. f(t + h, y1) is
         # evaluated rather than taken as z_s/h (equal up to the Newton
         # tolerance), so that the next step starts from f(t, y) exactly and a
         # replayed step (CheckpointAdjoint) is the step that was taken.
-        y1 = _add(y, _weighted_sum(tab.b, z))
+        y1 = split(x + b @ stages, y)
         f1 = f(t + h, y1)
         fevals = fevals + 1
-        y_error = _weighted_sum(tab.b_error, z)
+        y_error = split(b_error @ stages, y)
         coeffs = None
         if dense:
             coeffs = tuple(

@@ -24,22 +24,6 @@ from ._solvers import AbstractSolver, StepResult
 from ._state import FlatField, State
 
 
-def _weighted_sum(weights, vectors: list[State], scale=1.0) -> State | None:
-    """Σ_j w_j v_j (times `scale`) leaf by leaf, skipping zero weights."""
-    terms = [(float(w), v) for w, v in zip(weights, vectors, strict=False) if w != 0]
-    if not terms:
-        return None
-    return tuple(
-        scale * sum((w * v[i] for w, v in terms[1:]), terms[0][0] * terms[0][1][i])
-        for i in range(len(vectors[0]))
-    )
-
-
-def _add(*states: State | None) -> State:
-    present = [s for s in states if s is not None]
-    return tuple(sum(leaves[1:], leaves[0]) for leaves in zip(*present, strict=True))
-
-
 class Rodas5P(AbstractSolver):
     """Rodas5P: an L-stable, stiffly accurate Rosenbrock 5(4) method.
 
