@@ -189,10 +189,13 @@ def failure_message(failure: Failure, max_steps: int, solver_name: str,
             "(no Newton iterations) or raise Kvaerno5(max_newton_iterations=...)."
         )
         return msg + advice + (_BACKSOLVE_ADVICE if backward else "")
+    if backward:
+        # Tolerances and max_steps are not the cure for a backward solve that
+        # a stiff or contracting problem defeats: the adjoint method is.
+        return msg + _BACKSOLVE_ADVICE
     if code not in (RESULTS.max_steps_reached, RESULTS.dt_underflow):
-        return msg + (_BACKSOLVE_ADVICE if backward else "")
-    msg = _diagnosis(f, msg, solver_name, time_dtype, time_dependent)
-    return msg + (_BACKSOLVE_ADVICE if backward else "")
+        return msg
+    return _diagnosis(f, msg, solver_name, time_dtype, time_dependent)
 
 
 def _diagnosis(
