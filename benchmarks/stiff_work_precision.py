@@ -57,6 +57,7 @@ import math
 import os
 import re
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -817,15 +818,21 @@ def ratio_at_equal_error(mine: list[dict], rival: list[dict]) -> dict[str, Any]:
     return result
 
 
-def _first_call(rows: list[dict]) -> tuple[float | None, bool]:
-    """The loosest tolerance's first call, and whether a fresh process made it."""
+def _first_call(rows: list[dict], extra: list[float]) -> tuple[float | None, bool]:
+    """The median first call at the loosest tolerance (the unit's own and the
+    `extra` fresh-process samples), and whether fresh processes made them all."""
     loosest = max(rows, key=lambda r: r["rtol"])
-    return loosest["first_call_s"], loosest["first_call_fresh"]
+    if loosest["first_call_s"] is None:
+        return None, False
+    samples = [loosest["first_call_s"], *extra]
+    return statistics.median(samples), loosest["first_call_fresh"]
 
 
-def summarise(rows: list[dict], grad_rows: list[dict]) -> dict[str, Any]:
-    """Equal-error time ratios and first-call ratios per problem and pair, the
-    targets, and the gradient ratios."""
+def summarise(
+    rows: list[dict], grad_rows: list[dict], first_calls: dict[str, list[float]]
+) -> dict[str, Any]:
+    """Equal-error time ratios and first-call ratios per problem and pair, and
+    the gradient ratios."""
 
     def select(problem: str, library: str, solver: str) -> list[dict]:
         return [
@@ -840,7 +847,10 @@ def summarise(rows: list[dict], grad_rows: list[dict]) -> dict[str, Any]:
             a, b = select(problem, *mine), select(problem, *rival)
             if not a or not b:
                 continue
-            (first_a, fresh_a), (first_b, fresh_b) = _first_call(a), _first_call(b)
+            extra_a = first_calls.get("/".join((problem, *mine)), [])
+            extra_b = first_calls.get("/".join((problem, *rival)), [])
+            first_a, fresh_a = _first_call(a, extra_a)
+            first_b, fresh_b = _first_call(b, extra_b)
             pairs.append(
                 {
                     "problem": problem,
@@ -851,6 +861,7 @@ def summarise(rows: list[dict], grad_rows: list[dict]) -> dict[str, Any]:
                         first_a / first_b if first_a and first_b else None
                     ),
                     "first_calls_fresh": fresh_a and fresh_b,
+                    "first_call_samples": 1 + min(len(extra_a), len(extra_b)),
                 }
             )
     grads = []
@@ -899,6 +910,7 @@ def _table_row(row: dict) -> str:
         row["solver"],
         f"{row['rtol']:.0e}",
         _fmt(row["error"], ".2e"),
+        _fmt(row["error_final"], ".1e"),
         timing,
         first,
         _fmt(row["fevals"]),
@@ -926,15 +938,25 @@ def markdown(results: dict) -> str:
         "",
         f"- Machine: {results['machine']['cpu']}, {results['machine']['cores']} "
         f"cores; one thread (`{results['settings']['xla_flags']}`).",
+        f"- Checkout: {results['git']['commit']}"
+        + (
+            " with local changes in neuralode/"
+            if results["git"]["neuralode_dirty"]
+            else ""
+        )
+        + ".",
         "- Versions: "
         + ", ".join(f"{k} {v}" for k, v in results["versions"].items() if v)
         + ".",
         "- float64. Error: max over output times after t0 of |y − y_ref| scaled "
-        "per component by its largest |y_ref|; reference SciPy Radau at "
+        "per component by its largest |y_ref| (*at t1*: componentwise relative "
+        "error at the last output time); reference SciPy Radau at "
         f"rtol={REF_RTOL:g}, atol={REF_ATOL:g}. Time: median of repeats after a "
         "warm-up call (jitted for JAX). First call: trace + compile + run; † in a "
-        "fresh process. fevals / jevals: field evaluations / Jacobians (neuralode: "
-        "its stats; diffrax: counted; SciPy: nfev / njev). steps: accepted + "
+        "fresh process; the targets' first calls are medians over that and "
+        "further fresh processes. fevals / jevals: field evaluations / Jacobians "
+        "(neuralode: its stats; diffrax: counted; SciPy: nfev / njev); the "
+        "work panel of the plot counts a Jacobian as one. steps: accepted + "
         "rejected (SciPy: accepted). SciPy gets the jitted JAX field and "
         "`jax.jacfwd` Jacobian.",
         "",
@@ -947,7 +969,7 @@ def markdown(results: dict) -> str:
             "## Targets",
             "",
             "| problem | Rodas5P / diffrax Kvaerno5 time at equal error "
-            "(geomean [range]) | status | first call ratio | status |",
+            "(geomean [range]) | status | first call ratio (median of n) | status |",
             "|---|---|---|---|---|",
         ]
         for pair in target_pairs:
@@ -968,7 +990,8 @@ def markdown(results: dict) -> str:
             )
             lines.append(
                 f"| {pair['problem']} | {shown} | {status} | "
-                f"{_ratio_cell(first, pair['first_calls_fresh'])} | {first_status} |"
+                f"{_ratio_cell(first, pair['first_calls_fresh'])} "
+                f"(n={pair['first_call_samples']}) | {first_status} |"
             )
         lines += ["", f"Target: ≤ {TARGET_RATIO}× at every common error level.", ""]
     lines += [
@@ -998,9 +1021,9 @@ def markdown(results: dict) -> str:
             f"{info['atol_factor']:g}; reference's own error ≈ "
             f"{info['reference_error']:.1e}.",
             "",
-            "| library | solver | rtol | error | time | first call | fevals | "
-            "jevals | steps | note |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| library | solver | rtol | error | at t1 | time | first call | "
+            "fevals | jevals | steps | note |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         lines += [_table_row(r) for r in results["rows"] if r["problem"] == problem]
         lines.append("")
@@ -1111,12 +1134,30 @@ def _timing_from(args: argparse.Namespace) -> Timing:
     return timing
 
 
+def first_call_only(unit: Unit, rtol: float) -> float:
+    """Seconds of trace + compile + run of a JAX unit's solve at `rtol`."""
+    import jax
+    import jax.numpy as jnp
+
+    from .timing import first_call
+
+    system = _system(unit.problem)
+    atol = rtol * ATOL_FACTOR[unit.problem]
+    program = _jax_program(unit.library, unit.solver, system.field, rtol, atol)
+    y0 = jnp.asarray(system.y0, jnp.float64)
+    ts = jnp.asarray(output_times(unit.problem), jnp.float64)
+    args = _jax_args(system)
+    return first_call(lambda: program(y0, ts, args), jax.block_until_ready)[0]
+
+
 def _worker(args: argparse.Namespace) -> int:
     _configure_jax()
     timing = _timing_from(args)
     if args.one:
         unit = Unit(*args.one)
         rows = measure_unit(unit, tuple(args.rtols), timing, not args.quick, True)
+    elif args.first_call:
+        rows = [first_call_only(Unit(*args.first_call), max(args.rtols))]
     else:
         rows = [measure_grad(*args.one_grad, timing)]
     Path(args.json_out).write_text(json.dumps(rows, indent=1))
@@ -1144,7 +1185,9 @@ def _run_worker(cmd: list[str], json_out: Path, timeout_s: float) -> list[dict] 
 
 
 def _progress(stderr: str) -> str:
-    lines = [line for line in stderr.splitlines() if line.startswith("  ")]
+    """The worker's summary lines (`_row_summary`), without logged tracebacks."""
+    names = (*PROBLEMS, "grad")
+    lines = [ln for ln in stderr.splitlines() if ln[2:].startswith(names)]
     return "".join(f"{line}\n" for line in lines)
 
 
@@ -1168,11 +1211,30 @@ def _units(args: argparse.Namespace) -> list[Unit]:
     ]
 
 
-def run_all(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
-    """Every unit, each in its own subprocess (or in-process with --in-process)."""
+def _extra_first_calls(
+    args: argparse.Namespace, units: list[Unit], tmp: Path
+) -> dict[str, list[float]]:
+    """More fresh-process first calls of the target pair, interleaved, keyed
+    ``problem/library/solver``."""
+    samples: dict[str, list[float]] = {}
+    pair = [u for u in units if (u.library, u.solver) in RATIO_PAIRS[0]]
+    for k in range(args.first_call_runs):
+        for unit in pair:
+            out = tmp / f"first{k}-{'-'.join(unit)}.json"
+            cmd = _base_cmd(args, out) + ["--first-call", *unit]
+            got = _run_worker(cmd, out, args.timeout)
+            if not isinstance(got, str):
+                samples.setdefault("/".join(unit), []).append(got[0])
+    return samples
+
+
+def run_all(args: argparse.Namespace) -> tuple[list[dict], list[dict], dict]:
+    """Every unit, each in its own subprocess (or in-process with --in-process),
+    the gradient rows and the extra first-call samples."""
     timing = _timing_from(args)
     rows: list[dict] = []
     grad_rows: list[dict] = []
+    first_calls: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for k, unit in enumerate(_units(args)):
             if args.in_process:
@@ -1216,7 +1278,9 @@ def run_all(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
                     ]
                 grad_rows += got
                 print(_row_summary(got[0]), file=sys.stderr, flush=True)
-    return rows, grad_rows
+        if not args.in_process:
+            first_calls = _extra_first_calls(args, _units(args), Path(tmp))
+    return rows, grad_rows, first_calls
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -1248,6 +1312,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="no subprocesses (default with --quick); first calls then share caches",
     )
+    parser.add_argument(
+        "--first-call-runs",
+        type=int,
+        default=None,
+        help="extra fresh-process first calls of the target pair (default 2; "
+        "0 with --quick)",
+    )
     parser.add_argument("--timeout", type=float, default=600.0, help="per worker, s")
     parser.add_argument("--json-out", default=None)
     parser.add_argument("--md-out", default=None)
@@ -1259,6 +1330,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "--one-grad",
         nargs=3,
         metavar=("LIB", "SOLVER", "ADJOINT"),
+        help=argparse.SUPPRESS,
+    )
+    parser.add_argument(
+        "--first-call",
+        nargs=3,
+        metavar=("PROBLEM", "LIB", "SOLVER"),
         help=argparse.SUPPRESS,
     )
     args = parser.parse_args(argv)
@@ -1280,6 +1357,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         args.grad = not args.quick
     if args.in_process is None:
         args.in_process = args.quick
+    if args.first_call_runs is None:
+        args.first_call_runs = 0 if args.quick else 2
     return args
 
 
@@ -1287,7 +1366,7 @@ def main(argv: list[str] | None = None) -> int:
     """Measure, then write the JSON, the Markdown report and the plot."""
     os.environ.update(single_thread_env())  # before JAX is first imported
     args = _parse(argv)
-    if args.one or args.one_grad:
+    if args.one or args.one_grad or args.first_call:
         return _worker(args)
     json_out = Path(args.json_out or OUT_DIR / "stiff.json")
     md_out = Path(args.md_out or OUT_DIR / "stiff.md")
@@ -1300,13 +1379,14 @@ def main(argv: list[str] | None = None) -> int:
     _configure_jax()
     references = {p: ensure_reference(p) for p in args.problems}
     grad_reference = ensure_grad_reference() if args.grad else None
-    rows, grad_rows = run_all(args)
+    rows, grad_rows, first_calls = run_all(args)
     results = {
         "command": command.strip(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
             timespec="seconds"
         ),
         **environment_info(),
+        "git": _git_state(),
         "settings": {
             "quick": args.quick,
             "rtols": args.rtols,
@@ -1337,7 +1417,8 @@ def main(argv: list[str] | None = None) -> int:
                 "value": float(grad_reference["value"]),
             }
         ),
-        "summary": summarise(rows, grad_rows),
+        "first_call_samples": first_calls,
+        "summary": summarise(rows, grad_rows, first_calls),
         "wall_s": time.perf_counter() - start,
     }
     json_out.parent.mkdir(parents=True, exist_ok=True)
@@ -1350,6 +1431,21 @@ def main(argv: list[str] | None = None) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def _git_state() -> dict[str, Any]:
+    """The checkout measured: HEAD and whether neuralode/ had local changes."""
+
+    def git(*cmd: str) -> str:
+        proc = subprocess.run(
+            ["git", *cmd], cwd=HERE.parent, capture_output=True, text=True
+        )
+        return proc.stdout.strip()
+
+    return {
+        "commit": git("rev-parse", "--short", "HEAD") or None,
+        "neuralode_dirty": bool(git("status", "--porcelain", "neuralode")),
+    }
 
 
 def _describe(problem: str) -> str:
