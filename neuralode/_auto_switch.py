@@ -122,6 +122,24 @@ class AutoSwitch(AbstractSolver):
         return True
 
     @property
+    def replays_carry(self) -> bool:
+        return True
+
+    def init_carry(self, y0: State) -> Array:
+        return self.initial_switch_state(jnp.real(y0[0]).dtype)
+
+    def next_carry(
+        self,
+        carry: Array,
+        result: StepResult,
+        accept: Array,
+        stiffness: Array,
+        h: Array,
+    ) -> Array:
+        """The switch state moves on accepted steps only."""
+        return jnp.where(accept, self.next_switch_state(carry, stiffness, h), carry)
+
+    @property
     def threshold(self) -> float:
         """h·ρ above which an explicit step is limited by stability."""
         return self.switch_fraction * stability_boundary(self.nonstiff)
@@ -160,12 +178,13 @@ class AutoSwitch(AbstractSolver):
         h: Array,
         dense: bool = True,
         tolerances: tuple[float, float] = (1e-6, 1e-8),
-        mode: Array | None = None,
+        carry: Array | None = None,
     ) -> StepResult:
-        """One step of the method the switch state `mode` selects (its entry 0:
+        """One step of the method the switch state `carry` selects (its entry 0:
         0 explicit, 1 implicit; see `initial_switch_state`)."""
-        if mode is None:
+        if carry is None:
             raise ValueError("AutoSwitch.step needs the switch state of the solve")
+        mode = carry
         degree = self.dense_degree
 
         def padded(result: StepResult, fevals: Array, jacobians: Array) -> StepResult:
@@ -181,7 +200,7 @@ class AutoSwitch(AbstractSolver):
             if converged is None:
                 converged = jnp.ones((), bool)
             return result._replace(
-                dense=coeffs, converged=converged, cost=(fevals, jacobians)
+                dense=coeffs, converged=converged, cost=(fevals, jacobians), carry=carry
             )
 
         def explicit():

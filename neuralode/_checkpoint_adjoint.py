@@ -77,22 +77,23 @@ class _Step(eqx.Module):
     dense: bool = eqx.field(static=True)
     # (rtol, atol) of the solve, for the nonlinear solves of implicit methods.
     tolerances: tuple[float, float] = eqx.field(static=True)
-    # A switching solver's method of each step, and the step start times to
-    # find a step by (inf past the last step); None for other solvers.
-    modes: jax.Array | None = None
-    mode_times: jax.Array | None = None
+    # The carry of each step where the replay needs it (`replays_carry`), and
+    # the step start times to find a step by (inf past the last); else None.
+    carries: jax.Array | None = None
+    carry_times: jax.Array | None = None
 
     def __call__(self, y: State, theta, t, t_new) -> tuple[State, State | None]:
         p = self.params(theta, self.arrays)
         f = lambda s, x: self.problem.f_flat(self.origin + s, x, p, self.direction)
-        switch = {}
-        if self.modes is not None:
+        carried = {}
+        if self.carries is not None:
             # t is exactly the start time of the step being replayed.
-            k = jnp.searchsorted(self.mode_times, lax.stop_gradient(t))
-            switch = {"mode": self.modes[jnp.minimum(k, self.modes.shape[0] - 1)]}
+            k = jnp.searchsorted(self.carry_times, lax.stop_gradient(t))
+            last = self.carries.shape[0] - 1
+            carried = {"carry": self.carries[jnp.minimum(k, last)]}
         result = self.solver.step(
             f, t, y, f(t, y), t_new - t, dense=self.dense, tolerances=self.tolerances,
-            **switch,
+            **carried,
         )  # fmt: skip
         return result.y1, result.dense
 
@@ -623,12 +624,12 @@ class CheckpointAdjoint(AbstractAdjoint):
             tolerances(config),
         )
         valid = jnp.arange(times.shape[0], dtype=record.count.dtype) <= record.count
-        if record.modes is not None:
+        if record.carries is not None:
             step = eqx.tree_at(
-                lambda s: (s.modes, s.mode_times),
+                lambda s: (s.carries, s.carry_times),
                 step,
                 (
-                    record.modes,
+                    record.carries,
                     jnp.where(valid, lax.stop_gradient(record.times), jnp.inf),
                 ),
                 is_leaf=lambda x: x is None,

@@ -18,6 +18,7 @@ from ._linear_solve import (
     LinearSolver,
     common_dtype,
     concat,
+    is_dense,
     shifted_system,
     split,
 )
@@ -43,20 +44,27 @@ class Kvaerno5(AbstractSolver):
 
     Stage i solves z_i = h f(t + c_i h, y + Σ_{j<i} a_ij z_j + γ z_i) for
     z_i = h k_i by simplified Newton iterations with the one matrix
-    M = I − hγ J(t, y) of the step (factorised once, reused by all six
-    implicit stages). An iteration stops when its predicted remaining error
-    θ/(1 − θ)‖Δz‖ is below `newton_kappa` times the error tolerance (Hairer &
-    Wanner II, §IV.8); a stage whose iteration diverges (θ ≥ 1) or has not
-    converged in `max_newton_iterations` makes the step invalid, and the
-    controller retries it smaller. The converged stages are differentiated by
-    the implicit function theorem (`lax.custom_root`), never by unrolling the
-    iterations. Hermite cubic dense output.
+    M = I − hγ J of the step (factorised once, reused by all six implicit
+    stages). With dense linear solves J is also reused across steps while the
+    iterations contract well (rate θ ≤ `reuse_rate` in every stage): a step
+    then costs one LU and no Jacobian; after slow or failed iterations the
+    next attempt evaluates J = ∂f/∂y(t, y) afresh. An iteration stops when its
+    predicted remaining error θ/(1 − θ)‖Δz‖ is below `newton_kappa` times the
+    error tolerance (Hairer & Wanner II, §IV.8); a stage whose iteration
+    diverges (θ ≥ 1) or has not converged in `max_newton_iterations` makes
+    the step invalid, and the controller retries it smaller. The converged
+    stages are differentiated by the implicit function theorem
+    (`lax.custom_root`), never by unrolling the iterations. Hermite cubic dense
+    output.
 
     **Arguments:**
 
     - `linear_solver`: `"dense"`, `"matrix_free"` or `"auto"` (see `Rodas5P`).
     - `newton_kappa`: the Newton tolerance as a fraction of the step's.
     - `max_newton_iterations`: per stage.
+    - `reuse_rate`: the contraction rate up to which J is kept for the next
+      step (0 evaluates it every step). A higher rate saves Jacobians and
+      costs Newton iterations (evaluations of f).
 
     Reference: Kværnø (2004), BIT Numer. Math. 44, 489–502.
     """
@@ -64,6 +72,7 @@ class Kvaerno5(AbstractSolver):
     linear_solver: LinearSolver = eqx.field(default="auto", static=True)
     newton_kappa: float = eqx.field(default=0.01, static=True)
     max_newton_iterations: int = eqx.field(default=10, static=True)
+    reuse_rate: float = eqx.field(default=0.01, static=True)
 
     tableau: ClassVar[ESDIRKTableau] = tableaus.KVAERNO5
 
@@ -108,6 +117,14 @@ class Kvaerno5(AbstractSolver):
     def jacobians_per_step(self) -> int:
         return 1
 
+    def init_carry(self, y0: State) -> tuple[Array, Array] | None:
+        """(J to reuse, whether it may be reused) with dense solves, else None."""
+        if self.reuse_rate <= 0 or not is_dense(self.linear_solver, y0):
+            return None
+        n = sum(leaf.size for leaf in y0)
+        dtype = common_dtype(y0)
+        return jnp.zeros((n, n), dtype), jnp.zeros((), bool)
+
     def step(
         self,
         f: FlatField,
@@ -117,12 +134,21 @@ class Kvaerno5(AbstractSolver):
         h: Array,
         dense: bool = True,
         tolerances: tuple[float, float] = (1e-6, 1e-8),
+        carry: tuple[Array, Array] | None = None,
     ) -> StepResult:
         tab = self.tableau
         real = jnp.real(y[0]).dtype
         h_y = h.astype(real)
         gamma = tab.gamma
-        system, _ = shifted_system(f, t, y, h_y * gamma, self.linear_solver)
+        if carry is None:
+            system, jacobian = shifted_system(f, t, y, h_y * gamma, self.linear_solver)
+            jacobians = jnp.ones((), jnp.int32)
+        else:
+            old, reusable = carry
+            fresh = lambda: shifted_system(f, t, y, h_y * gamma, "dense")[1]
+            jacobian = lax.cond(reusable, lambda: old, fresh)
+            system, _ = shifted_system(f, t, y, h_y * gamma, "dense", jacobian=jacobian)
+            jacobians = (~reusable).astype(jnp.int32)
         rtol, atol = tolerances
         scale = tuple(atol + rtol * jnp.abs(leaf).astype(real) for leaf in y)
         dtype = common_dtype(y)
@@ -135,22 +161,24 @@ class Kvaerno5(AbstractSolver):
 
         # One stage body in a loop (not unrolled): a smaller program to
         # compile. Row i of `stages` is z_i = h k_i (zero until solved).
-        def stage(i, carry):
-            stages, converged, fevals = carry
+        def stage(i, loop):
+            stages, converged, fevals, worst = loop
             base = split(x + lower[i] @ stages, y)
             guess = split(predictor[i] @ stages, y)
-            z_i, (ok, iterations) = self._stage(
+            z_i, (ok, iterations, rate) = self._stage(
                 f, t + c[i] * h, base, guess, h_y, system, scale
             )
             return (
                 stages.at[i].set(concat(z_i, dtype)),
                 converged & (ok > 0),
                 fevals + iterations.astype(jnp.int32),
+                jnp.maximum(worst, rate),
             )
 
         first = jnp.zeros((s, x.size), dtype).at[0].set(h_y * concat(f0, dtype))
-        init = (first, jnp.ones((), bool), jnp.zeros((), jnp.int32))
-        stages, converged, fevals = lax.fori_loop(1, s, stage, init)
+        zero = jnp.zeros((), jnp.int32)
+        init = (first, jnp.ones((), bool), zero, jnp.zeros((), real))
+        stages, converged, fevals, worst = lax.fori_loop(1, s, stage, init)
         # Stiffly accurate: y1 is the last stage's value. f(t + h, y1) is
         # evaluated rather than taken as z_s/h (equal up to the Newton
         # tolerance), so that the next step starts from f(t, y) exactly and a
@@ -171,11 +199,17 @@ class Kvaerno5(AbstractSolver):
             f1,
             coeffs,
             converged=converged,
-            cost=(fevals, jnp.ones((), jnp.int32)),
+            cost=(fevals, jacobians),
+            carry=(
+                None
+                if carry is None
+                else (jacobian, converged & (worst <= self.reuse_rate))
+            ),
         )
 
     def _stage(self, f, t_i, base, guess, h_y, system, scale):
-        """z with z = h f(t_i, base + γ z), and (converged, iterations)."""
+        """z with z = h f(t_i, base + γ z), and (converged, iterations, the
+        last contraction rate)."""
         gamma = self.tableau.gamma
         kappa, max_iterations = self.newton_kappa, self.max_newton_iterations
         real = jnp.real(base[0]).dtype
@@ -214,7 +248,9 @@ class Kvaerno5(AbstractSolver):
             )
             final = lax.while_loop(running, body, init)
             ok = (final.converged & ~final.diverged).astype(real)
-            return final.z, (ok, final.iteration.astype(real))
+            # The rate of the last iteration (0 after a single one).
+            rate = jnp.where(final.iteration > 1, final.rate, 0).astype(real)
+            return final.z, (ok, final.iteration.astype(real), rate)
 
         def tangent_solve(linear, rhs: State) -> State:
             # The exact derivative at the root: ∂R/∂z = I − hγ J(t_i, Y_i).

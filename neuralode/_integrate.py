@@ -99,6 +99,8 @@ class Attempt(NamedTuple):
     converged: Bool[Array, ""]
     # (vector-field, Jacobian) evaluations of a method of varying cost, or None.
     cost: tuple[Array, Array] | None
+    # The method's carry for the next attempt (None if it has none).
+    carry: object = None
 
 
 def time_spacing(t: Array) -> Array:
@@ -126,7 +128,7 @@ def attempt_step(
     origin: Array,
     dense: bool = True,
     estimate_stiffness: bool = True,
-    mode: Array | None = None,
+    carry=None,
 ) -> Attempt:
     """Try a step from t towards t_target, never past it; the controller decides.
 
@@ -135,8 +137,8 @@ def attempt_step(
     step that would stop within a few ULPs of t_target is stretched to land
     exactly on it. Step-size decisions are made on `stop_gradient` values.
     `Attempt.stiffness` is h·ρ̂ if `estimate_stiffness` and the method has a
-    stiffness stage, else NaN. `mode` selects the method of a switching solver
-    (`AutoSwitch`).
+    stiffness stage, else NaN. `carry` is the state of a method that carries
+    one (see `AbstractSolver.init_carry`).
     """
     h_proposed = lax.stop_gradient(h_proposed)
     t_sg = lax.stop_gradient(t)
@@ -151,9 +153,9 @@ def attempt_step(
     t_new = jnp.where(clipped, t_target, t_try)
     h = t_new - t_sg
     solver = config.solver
-    switch = {} if mode is None else {"mode": mode}
+    carried = {} if carry is None else {"carry": carry}
     step = solver.step(
-        f, t, y, f0, h, dense=dense, tolerances=tolerances(config), **switch
+        f, t, y, f0, h, dense=dense, tolerances=tolerances(config), **carried
     )
     real = jnp.real(y[0]).dtype
     pair = step.stiffness_pair if estimate_stiffness else None
@@ -183,9 +185,11 @@ def attempt_step(
         num, den = stiff_sums
         lipschitz = jnp.sqrt(jnp.where(den > 0, num / jnp.where(den > 0, den, 1), 0))
         stiffness = jnp.abs(h).astype(real) * lipschitz
+    if carry is not None:
+        carry = solver.next_carry(carry, step, accept, stiffness, h)
     return Attempt(
         t_new, h, step.y1, step.f1, step.dense, accept, finite, err, h_next,
-        stiffness, converged, step.cost,
+        stiffness, converged, step.cost, carry,
     )  # fmt: skip
 
 
@@ -328,15 +332,15 @@ class _ForwardState(NamedTuple):
     # (vector-field, Jacobian) evaluations so far, for a method whose steps
     # vary in cost (else None: counted from the number of steps).
     cost: tuple[Array, Array] | None
-    # A switching solver's [method in use, votes to switch], the number of
-    # switches and of accepted steps with the stiff method (else None).
-    switch: Array | None
+    # The method's carry (see `AbstractSolver.init_carry`), and a switching
+    # solver's numbers of switches and of accepted stiff steps (else None).
+    carry: object
     switch_counts: Array | None
     # Only when recording the accepted steps (for CheckpointAdjoint):
     step_starts: State | None
     step_times: Array | None
-    # A switching solver's switch state at each recorded step.
-    step_modes: Array | None
+    # The carry each recorded step was taken with, where a replay needs it.
+    step_carries: Array | None
     stride: Array | None
     # The output times of the slots in this state's buffers: tau_out[base:][:K].
     window: Array
@@ -488,6 +492,8 @@ def integrate(
     search = "compare_all" if width <= 128 else "scan_unrolled"
     # Only a diagnosing solve whose method has a stiffness stage carries h·ρ̂.
     switching = is_switching(config.solver)
+    carry0 = config.solver.init_carry(y0)
+    replayed = record_steps and carry0 is not None and config.solver.replays_carry
     track_stiffness = switching or (
         diagnose_stiffness and config.solver.stiffness_stage is not None
     )
@@ -531,7 +537,7 @@ def integrate(
             origin,
             dense=dense_output,
             estimate_stiffness=track_stiffness,
-            mode=state.switch if switching else None,
+            carry=state.carry,
         )
         slots, slot_times, out_steps, out_index = write_slot(state, attempt)
         accept = attempt.accept
@@ -551,18 +557,15 @@ def integrate(
                     for buffer, y in zip(state.step_starts, state.y, strict=True)
                 ),
                 step_times=state.step_times.at[k + 1].set(attempt.t_new),
-                step_modes=(
-                    state.step_modes.at[k].set(state.switch) if switching else None
+                step_carries=(
+                    state.step_carries.at[k].set(state.carry) if replayed else None
                 ),
             )
-        switch, switch_counts = state.switch, state.switch_counts
+        switch_counts = state.switch_counts
         if switching:
-            proposed = config.solver.next_switch_state(
-                switch, attempt.stiffness, attempt.h
-            )
-            switch = jnp.where(accept, proposed, switch)
+            mode, new_mode = state.carry[0], attempt.carry[0]
             switch_counts = switch_counts + jnp.stack(
-                [switch[0] != state.switch[0], accept & (state.switch[0] == 1)]
+                [new_mode != mode, accept & (mode == 1)]
             ).astype(jnp.int32)
         return state._replace(
             t=t,
@@ -584,7 +587,7 @@ def integrate(
                 if state.cost is None
                 else tuple(a + b for a, b in zip(state.cost, attempt.cost, strict=True))
             ),
-            switch=switch,
+            carry=attempt.carry,
             switch_counts=switch_counts,
         )
 
@@ -617,11 +620,11 @@ def integrate(
         result=zero,
         stiffness=jnp.zeros((), real),
         cost=None if config.solver.fevals_per_step is not None else (zero, zero),
-        switch=config.solver.initial_switch_state(real) if switching else None,
+        carry=carry0,
         switch_counts=jnp.zeros(2, jnp.int32) if switching else None,
-        step_modes=(
-            jnp.zeros((config.max_steps, 4), real)
-            if record_steps and switching
+        step_carries=(
+            jnp.zeros((config.max_steps,) + carry0.shape, carry0.dtype)
+            if replayed
             else None
         ),
         step_starts=(
@@ -671,7 +674,7 @@ def integrate(
             final.stride,
             final.step_times,
             final.num_accepted,
-            final.step_modes,
+            final.step_carries,
         )
         return LoopResult(ys, stats, record)
     return LoopResult(ys, stats)

@@ -63,6 +63,13 @@ def common_dtype(state: State):
     return jnp.result_type(*state)
 
 
+def is_dense(method: LinearSolver, y: State) -> bool:
+    """Whether `method` solves densely for a state like y ("auto": up to
+    `DENSE_LIMIT` unknowns)."""
+    n = sum(leaf.size for leaf in y)
+    return method == "dense" or (method == "auto" and n <= DENSE_LIMIT)
+
+
 def time_derivative(f: FlatField, t: Array, y: State) -> State:
     """∂f/∂t at (t, y), by one JVP in t."""
     return jax.jvp(lambda s: f(s, y), (t,), (jnp.ones_like(t),))[1]
@@ -101,19 +108,23 @@ def shifted_system(
     h_gamma: Array,
     method: LinearSolver = "auto",
     tol: float = 1e-10,
+    jacobian: Array | None = None,
 ) -> tuple[ShiftedSystem, Array | None]:
     """M = I − hγ ∂f/∂y(t, y), factorised (dense) or as a matvec (matrix-free).
+
+    A dense `jacobian` given is used instead of evaluating ∂f/∂y (a method
+    reusing an earlier step's).
 
     **Returns:** `(system, jacobian)`, the dense Jacobian (None matrix-free).
     """
     dtype = common_dtype(y)
-    n = sum(leaf.size for leaf in y)
-    dense = method == "dense" or (method == "auto" and n <= DENSE_LIMIT)
     x0 = concat(y, dtype)
     flat = lambda x: concat(f(t, split(x, y)), dtype)
     h_gamma = h_gamma.astype(dtype)
-    if dense:
-        jacobian = jax.jacfwd(flat)(x0)
+    n = x0.size
+    if is_dense(method, y):
+        if jacobian is None:
+            jacobian = jax.jacfwd(flat)(x0)
         matrix = jnp.eye(n, dtype=dtype) - h_gamma * jacobian
         return ShiftedSystem(y, dtype, jsl.lu_factor(matrix), None, tol), jacobian
     _, jvp = jax.linearize(flat, x0)

@@ -2,7 +2,7 @@
 driven by a Butcher tableau. The implicit methods are in `_rosenbrock`,
 `_esdirk` and `_auto_switch`."""
 
-from typing import ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import equinox as eqx
 import jax.numpy as jnp
@@ -35,6 +35,9 @@ class StepResult(NamedTuple):
     # Methods of varying cost (see `AbstractSolver.fevals_per_step`): the
     # (vector-field, Jacobian) evaluations this attempt made.
     cost: tuple[Array, Array] | None = None
+    # A method that carries state from step to step: its state after this
+    # attempt (see `AbstractSolver.init_carry`).
+    carry: Any = None
 
 
 def _combine_leaf(y: Array, h: Array, weights, stages: list[Array]) -> Array:
@@ -125,6 +128,25 @@ class AbstractSolver(eqx.Module):
         """A stage whose difference from f(y1) estimates h·|λ| (see
         `AbstractExplicitRungeKutta`), or None."""
         return None
+
+    def init_carry(self, y0: State) -> Any:
+        """The state the method carries from step to step (a Jacobian to reuse,
+        the method in use), or None for a method that carries none. A method
+        with a carry receives it as `step(..., carry=...)`."""
+        return None
+
+    def next_carry(
+        self, carry: Any, result: StepResult, accept: Array, stiffness: Array, h: Array
+    ) -> Any:
+        """The carry after an attempt (accepted or not) with estimate h·ρ̂ =
+        `stiffness` (NaN unless the loop estimates it)."""
+        return result.carry
+
+    @property
+    def replays_carry(self) -> bool:
+        """Whether a replayed step (CheckpointAdjoint) needs the carry it was
+        taken with (else it is replayed without one)."""
+        return False
 
     def step(
         self,

@@ -27,8 +27,9 @@ class StepRecord(NamedTuple):
     stride: Array
     times: Array
     count: Array
-    # A switching solver's switch state at each step (`AutoSwitch`), else None.
-    modes: Array | None = None
+    # The carry each step was taken with, for a method whose replay needs it
+    # (`AbstractSolver.replays_carry`: AutoSwitch's method in use), else None.
+    carries: Array | None = None
 
 
 def kept_slots(requested: int | None, max_steps: int) -> int:

@@ -226,6 +226,17 @@ def test_robertson_to_four_times_ten_to_the_ten():
     assert int(sol.stats["num_steps"]) < 1000
 
 
+def test_kvaerno5_reuses_its_jacobian_while_newton_contracts_well():
+    system, ts, reference, magnitude = _radau("robertson")
+    reused = _solve_system(system, ts, no.Kvaerno5(), 1e-6, 1e-10)
+    fresh = _solve_system(system, ts, no.Kvaerno5(reuse_rate=0.0), 1e-6, 1e-10)
+    assert int(fresh.stats["num_jacobians"]) == int(fresh.stats["num_steps"])
+    assert int(reused.stats["num_jacobians"]) < 0.9 * int(reused.stats["num_steps"])
+    for sol in (reused, fresh):
+        scaled = np.abs(np.asarray(sol.ys) - reference) / (1e-10 + 1e-6 * magnitude)
+        assert np.max(scaled) < 100
+
+
 def test_explicit_solver_fails_on_robertson_and_names_the_implicit_ones():
     system = stiff_system("robertson")
     with pytest.raises(no.SolveError) as info:
