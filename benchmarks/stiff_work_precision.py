@@ -938,10 +938,11 @@ def markdown(results: dict) -> str:
         "",
         f"- Machine: {results['machine']['cpu']}, {results['machine']['cores']} "
         f"cores; one thread (`{results['settings']['xla_flags']}`).",
-        f"- Checkout: {results['git']['commit']}"
+        f"- Checkout: {_checkout(results['git'])} (neuralode from "
+        f"`{results['git']['neuralode_path']}`)"
         + (
-            " with local changes in neuralode/"
-            if results["git"]["neuralode_dirty"]
+            f"; **it changed during the run**, to {_checkout(results['git_after'])}"
+            if results["git_after"] != results["git"]
             else ""
         )
         + ".",
@@ -1376,6 +1377,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     start = time.perf_counter()
     load_before = load_average()
+    git_before = _git_state()
     _configure_jax()
     references = {p: ensure_reference(p) for p in args.problems}
     grad_reference = ensure_grad_reference() if args.grad else None
@@ -1386,7 +1388,8 @@ def main(argv: list[str] | None = None) -> int:
             timespec="seconds"
         ),
         **environment_info(),
-        "git": _git_state(),
+        "git": git_before,
+        "git_after": _git_state(),
         "settings": {
             "quick": args.quick,
             "rtols": args.rtols,
@@ -1433,6 +1436,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _checkout(state: dict[str, Any]) -> str:
+    dirty = " with local changes in neuralode/" if state["neuralode_dirty"] else ""
+    return f"{state['commit']}{dirty}"
+
+
 def _git_state() -> dict[str, Any]:
     """The checkout measured: HEAD and whether neuralode/ had local changes."""
 
@@ -1442,9 +1450,15 @@ def _git_state() -> dict[str, Any]:
         )
         return proc.stdout.strip()
 
+    import neuralode
+
+    changes = git("status", "--porcelain", "neuralode")
+    changes += git("diff", "HEAD", "--", "neuralode")
     return {
         "commit": git("rev-parse", "--short", "HEAD") or None,
-        "neuralode_dirty": bool(git("status", "--porcelain", "neuralode")),
+        "neuralode_dirty": bool(changes),
+        "neuralode_changes": _fingerprint(changes) if changes else None,
+        "neuralode_path": str(Path(neuralode.__file__).parent),
     }
 
 
