@@ -2,6 +2,7 @@
 driven by a Butcher tableau. The implicit methods are in `_rosenbrock`,
 `_esdirk` and `_auto_switch`."""
 
+import abc
 from typing import Any, ClassVar, NamedTuple
 
 import equinox as eqx
@@ -94,29 +95,29 @@ class AbstractSolver(eqx.Module):
     """
 
     @property
-    def order(self) -> int:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def order(self) -> int: ...
 
     @property
+    @abc.abstractmethod
     def adaptive(self) -> bool:
         """Whether the method has an error estimate (else it needs `dt0`)."""
-        raise NotImplementedError
 
     @property
+    @abc.abstractmethod
     def error_exponent(self) -> float:
         """1/q with q = (order of the error estimate) + 1, for step control."""
-        raise NotImplementedError
 
     @property
+    @abc.abstractmethod
     def dense_degree(self) -> int:
         """The number of coefficient vectors of the step's interpolant."""
-        raise NotImplementedError
 
     @property
+    @abc.abstractmethod
     def fevals_per_step(self) -> int | None:
         """Vector-field evaluations per step (not counting Jacobians), or None
         for a method whose steps vary in cost and report it (`StepResult.cost`)."""
-        raise NotImplementedError
 
     @property
     def jacobians_per_step(self) -> int:
@@ -148,6 +149,7 @@ class AbstractSolver(eqx.Module):
         taken with (else it is replayed without one)."""
         return False
 
+    @abc.abstractmethod
     def step(
         self,
         f: FlatField,
@@ -163,7 +165,6 @@ class AbstractSolver(eqx.Module):
         `tolerances` = (rtol, atol) of the solve, for methods that iterate
         (their nonlinear solves converge to a fraction of it).
         """
-        raise NotImplementedError
 
 
 class AbstractExplicitRungeKutta(AbstractSolver):

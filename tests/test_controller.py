@@ -14,7 +14,7 @@ def decay(t, y, args):
 
 
 def test_abstract_classes_cannot_be_built():
-    with pytest.raises(TypeError, match="abstract class attributes"):
+    with pytest.raises(TypeError, match="abstract"):
         no.AbstractSolver()
     with pytest.raises(TypeError, match="abstract class attributes"):
         no.AbstractController()
