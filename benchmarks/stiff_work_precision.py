@@ -69,6 +69,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .run import environment_info, load_average, single_thread_env
+from .timing import QUICK_TIMING, TimingSettings
 
 HERE = Path(__file__).resolve().parent
 OUT_DIR = HERE / "_out"
@@ -133,18 +134,10 @@ GRAD_PAIRS = (
 )
 
 
-@dataclasses.dataclass(frozen=True)
-class Timing:
-    """How many repeats (see `benchmarks.timing.TimingSettings`)."""
-
-    target_s: float = 1.0
-    min_repeats: int = 3
-    max_repeats: int = 20
-    max_total_s: float = 4.0
-    floor_repeats: int = 2
-
-
-QUICK_TIMING = Timing(0.05, 1, 3, 0.5, 1)
+#: Repeats: about 1 s of them, 3 to 20, at least 2 when one call takes over 2 s.
+TIMING = TimingSettings(
+    target_s=1.0, min_repeats=3, max_repeats=20, max_total_s=4.0, floor_repeats=2
+)
 
 
 class Unit(NamedTuple):
@@ -377,16 +370,10 @@ class FieldCounter:
         return self.fevals, self.jvps
 
 
-def _timing_settings(timing: Timing) -> Any:
-    from .timing import TimingSettings
-
-    return TimingSettings(**dataclasses.asdict(timing))
-
-
 def _time(
     call: Callable[[], Any],
     sync: Callable,
-    timing: Timing,
+    timing: TimingSettings,
     succeeded: Callable[[Any], bool] = lambda out: True,
 ) -> tuple[dict, Any]:
     """First call, then (if it `succeeded`) the median of repeats; returns the
@@ -396,7 +383,7 @@ def _time(
     first_s, out = first_call(call, sync)
     if not succeeded(out):
         return {"first_call_s": first_s}, out
-    measured = repeat(call, sync, _timing_settings(timing), first_s)
+    measured = repeat(call, sync, timing, first_s)
     fields = {
         "first_call_s": first_s,
         "time_median_s": measured.median_s,
@@ -529,7 +516,7 @@ def _new_row(unit: Unit, rtol: float, atol: float, status: str, **extra: Any) ->
 
 
 def _measure_jax(
-    unit: Unit, rtol: float, atol: float, ref: dict, timing: Timing, count: bool
+    unit: Unit, rtol: float, atol: float, ref: dict, timing: TimingSettings, count: bool
 ) -> dict:
     import jax
     import jax.numpy as jnp
@@ -569,7 +556,9 @@ def _measure_jax(
     return row
 
 
-def _measure_scipy(unit: Unit, rtol: float, atol: float, ref: dict, timing: Timing):
+def _measure_scipy(
+    unit: Unit, rtol: float, atol: float, ref: dict, timing: TimingSettings
+):
     from scipy.integrate import solve_ivp
 
     system = _system(unit.problem)
@@ -604,7 +593,11 @@ def _measure_scipy(unit: Unit, rtol: float, atol: float, ref: dict, timing: Timi
 
 
 def measure_unit(
-    unit: Unit, rtols: tuple[float, ...], timing: Timing, count: bool, fresh: bool
+    unit: Unit,
+    rtols: tuple[float, ...],
+    timing: TimingSettings,
+    count: bool,
+    fresh: bool,
 ):
     """Rows of one (problem, library, solver), loosest tolerance first; `fresh`
     when this process has run nothing else (its first call is a fresh one)."""
@@ -697,7 +690,9 @@ def _grad_loss(library: str, solver: str, adjoint: str) -> Callable:
     return loss
 
 
-def measure_grad(library: str, solver: str, adjoint: str, timing: Timing) -> dict:
+def measure_grad(
+    library: str, solver: str, adjoint: str, timing: TimingSettings
+) -> dict:
     """One gradient row; a neuralode `SolveError` is recorded as refused."""
     import jax
     import jax.numpy as jnp
@@ -1126,8 +1121,8 @@ def _configure_jax() -> None:
     jax.block_until_ready(jax.jit(lambda x: x + 1)(1.0))  # backend start-up, untimed
 
 
-def _timing_from(args: argparse.Namespace) -> Timing:
-    timing = QUICK_TIMING if args.quick else Timing()
+def _timing_from(args: argparse.Namespace) -> TimingSettings:
+    timing = QUICK_TIMING if args.quick else TIMING
     if args.repeats is not None:
         timing = dataclasses.replace(
             timing, min_repeats=args.repeats, max_repeats=args.repeats
