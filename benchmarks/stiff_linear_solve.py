@@ -52,7 +52,8 @@ def measure(sizes: list[int], t1: float, repeats: int) -> list[dict]:
 
         def batch_field(t, y, scales):
             y = y.reshape(n, 3)
-            return jax.vmap(lambda yi, s: robertson(t, yi, rates * s))(y, scales).ravel()
+            field = jax.vmap(lambda yi, s: robertson(t, yi, rates * s))
+            return field(y, scales).ravel()
 
         row = {"systems": n, "unknowns": 3 * n}
         for method in ("dense", "matrix_free"):
@@ -69,9 +70,7 @@ def measure(sizes: list[int], t1: float, repeats: int) -> list[dict]:
             atol=1e-10, max_steps=20000,
         ).ys[-1]  # fmt: skip
         vmapped = jax.jit(jax.vmap(one))
-        row["vmap"] = _median_time(
-            vmapped, y0.reshape(n, 3), scales, repeats=repeats
-        )
+        row["vmap"] = _median_time(vmapped, y0.reshape(n, 3), scales, repeats=repeats)
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows

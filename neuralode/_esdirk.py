@@ -25,6 +25,9 @@ from ._linear_solve import (
 from ._solvers import AbstractSolver, StepResult
 from ._state import FlatField, State
 
+#: With more unknowns than this, Kvaerno5 reuses its Jacobian by default.
+REUSE_SIZE = 16
+
 
 class _Newton(NamedTuple):
     """The carry of a stage's Newton iteration."""
@@ -64,7 +67,9 @@ class Kvaerno5(AbstractSolver):
     - `max_newton_iterations`: per stage.
     - `reuse_rate`: the contraction rate up to which J is kept for the next
       step (0 evaluates it every step). A higher rate saves Jacobians and
-      costs Newton iterations (evaluations of f).
+      costs Newton iterations (evaluations of f). None: 0.01 for states of
+      more than `REUSE_SIZE` unknowns, else 0 (a small system's Jacobian, a
+      batch of JVPs, costs less than the iterations it would save).
 
     Reference: Kværnø (2004), BIT Numer. Math. 44, 489–502.
     """
@@ -72,7 +77,7 @@ class Kvaerno5(AbstractSolver):
     linear_solver: LinearSolver = eqx.field(default="auto", static=True)
     newton_kappa: float = eqx.field(default=0.01, static=True)
     max_newton_iterations: int = eqx.field(default=10, static=True)
-    reuse_rate: float = eqx.field(default=0.01, static=True)
+    reuse_rate: float | None = eqx.field(default=None, static=True)
 
     tableau: ClassVar[ESDIRKTableau] = tableaus.KVAERNO5
 
@@ -85,6 +90,11 @@ class Kvaerno5(AbstractSolver):
         if not 0 < self.newton_kappa < 1:
             raise ValueError(
                 f"Kvaerno5: newton_kappa must lie in (0, 1), got {self.newton_kappa}"
+            )
+        if self.reuse_rate is not None and not 0 <= self.reuse_rate < 1:
+            raise ValueError(
+                f"Kvaerno5: reuse_rate must lie in [0, 1) or be None, got "
+                f"{self.reuse_rate}"
             )
         if self.max_newton_iterations < 1:
             raise ValueError(
@@ -117,9 +127,15 @@ class Kvaerno5(AbstractSolver):
     def jacobians_per_step(self) -> int:
         return 1
 
+    def rate_for(self, y: State) -> float:
+        """The reuse rate in force for a state like y."""
+        if self.reuse_rate is not None:
+            return self.reuse_rate
+        return 0.01 if sum(leaf.size for leaf in y) > REUSE_SIZE else 0.0
+
     def init_carry(self, y0: State) -> tuple[Array, Array] | None:
         """(J to reuse, whether it may be reused) with dense solves, else None."""
-        if self.reuse_rate <= 0 or not is_dense(self.linear_solver, y0):
+        if self.rate_for(y0) <= 0 or not is_dense(self.linear_solver, y0):
             return None
         n = sum(leaf.size for leaf in y0)
         dtype = common_dtype(y0)
@@ -203,7 +219,7 @@ class Kvaerno5(AbstractSolver):
             carry=(
                 None
                 if carry is None
-                else (jacobian, converged & (worst <= self.reuse_rate))
+                else (jacobian, converged & (worst <= self.rate_for(y)))
             ),
         )
 

@@ -228,7 +228,7 @@ def test_robertson_to_four_times_ten_to_the_ten():
 
 def test_kvaerno5_reuses_its_jacobian_while_newton_contracts_well():
     system, ts, reference, magnitude = _radau("robertson")
-    reused = _solve_system(system, ts, no.Kvaerno5(), 1e-6, 1e-10)
+    reused = _solve_system(system, ts, no.Kvaerno5(reuse_rate=0.01), 1e-6, 1e-10)
     fresh = _solve_system(system, ts, no.Kvaerno5(reuse_rate=0.0), 1e-6, 1e-10)
     assert int(fresh.stats["num_jacobians"]) == int(fresh.stats["num_steps"])
     assert int(reused.stats["num_jacobians"]) < 0.9 * int(reused.stats["num_steps"])
@@ -427,6 +427,7 @@ def test_newton_that_never_converges_has_its_own_result_code():
     [
         (lambda: no.Rodas5P(linear_solver="lu"), "linear_solver must be"),
         (lambda: no.Kvaerno5(newton_kappa=2.0), "newton_kappa must lie"),
+        (lambda: no.Kvaerno5(reuse_rate=1.5), "reuse_rate must lie"),
         (lambda: no.AutoSwitch(nonstiff=no.RK4()), "nonstiff must be an adaptive"),
         (lambda: no.AutoSwitch(stiff=no.Tsit5()), "stiff must be Rodas5P"),
     ],
