@@ -154,6 +154,27 @@ class ESDIRKTableau:
     def stiffly_accurate(self) -> bool:
         return bool(np.array_equal(self.a[-1], self.b))
 
+    def stage_interpolant(self, stages: tuple[int, ...]) -> np.ndarray:
+        """(q, s) weights W of the polynomial through y at θ = 0, the stage
+        values Y_i (i in `stages`) at θ = c_i, and y_1 at θ = 1:
+        y(t + θh) = y + Σ_p θ^(p+1) Σ_j W_pj z_j, with z_j = h k_j.
+
+        Derivative-free: a Hermite interpolant uses h f(y_1), which for a stiff
+        problem carries h‖J‖ times y_1's error, while the stage values are the
+        method's own damped approximations. With Y_i − y = Σ_j a_ij z_j and
+        Lagrange polynomials L_m on the nodes, y(θ) − y = Σ_m (V_m − y) L_m(θ).
+        """
+        nodes = [0.0] + [float(self.c[i]) for i in stages] + [1.0]
+        rows = [self.a[i] for i in stages] + [self.b]
+        q = len(nodes) - 1
+        weights = np.zeros((q, self.num_stages))
+        for m in range(1, len(nodes)):
+            others = [x for k, x in enumerate(nodes) if k != m]
+            basis = np.poly(others)[::-1] / np.prod([nodes[m] - x for x in others])
+            for p in range(q):
+                weights[p] += basis[p + 1] * rows[m - 1]
+        return weights
+
 
 def _rodas5p() -> RosenbrockTableau:
     """Rodas5P: Steinebach, G. (2023), "Construction of Rosenbrock–Wanner method

@@ -217,6 +217,14 @@ def test_stiff_problem_matches_radau_in_hundreds_of_steps(name, solver):
     assert 20 < int(sol.stats["num_steps"]) < 2000
 
 
+def test_kvaerno5_dense_output_stays_accurate_inside_long_stiff_steps():
+    """A Hermite cubic (h f(y_1) in it) was off by 7% of y2 inside Robertson's
+    long steps at rtol 1e-4; the stage-value interpolant follows the tolerance."""
+    system, ts, reference, magnitude = _radau("robertson")
+    sol = _solve_system(system, ts, no.Kvaerno5(), 1e-4, 1e-10)
+    assert np.max(np.abs(np.asarray(sol.ys) - reference) / magnitude) < 1e-3
+
+
 def test_robertson_to_four_times_ten_to_the_ten():
     system, ts, reference, _ = _radau("robertson", t1=4e10)
     sol = _solve_system(system, ts, no.Rodas5P(), 1e-8, 1e-14)
