@@ -23,7 +23,7 @@ from ._linear_solve import (
     split,
     split_rows,
 )
-from ._solvers import AbstractSolver, StepResult
+from ._solvers import AbstractImplicitSolver, StepResult
 from ._state import FlatField, State
 
 #: The stages whose values the dense output interpolates (with y and y_1):
@@ -48,7 +48,7 @@ class _Newton(NamedTuple):
     diverged: Array
 
 
-class Kvaerno5(AbstractSolver):
+class Kvaerno5(AbstractImplicitSolver):
     """Kvaerno5: an L-stable, stiffly accurate ESDIRK 5(4) method.
 
     Stage i solves z_i = h f(t + c_i h, y + Σ_{j<i} a_ij z_j + γ z_i) for
@@ -89,11 +89,6 @@ class Kvaerno5(AbstractSolver):
     tableau: ClassVar[ESDIRKTableau] = tableaus.KVAERNO5
 
     def __check_init__(self):
-        if self.linear_solver not in ("auto", "dense", "matrix_free"):
-            raise ValueError(
-                f"Kvaerno5: linear_solver must be 'auto', 'dense' or 'matrix_free', "
-                f"got {self.linear_solver!r}"
-            )
         if not 0 < self.newton_kappa < 1:
             raise ValueError(
                 f"Kvaerno5: newton_kappa must lie in (0, 1), got {self.newton_kappa}"
@@ -110,18 +105,6 @@ class Kvaerno5(AbstractSolver):
             )
 
     @property
-    def order(self) -> int:
-        return self.tableau.order
-
-    @property
-    def adaptive(self) -> bool:
-        return True
-
-    @property
-    def error_exponent(self) -> float:
-        return 1.0 / (min(self.tableau.order, self.tableau.error_order) + 1)
-
-    @property
     def dense_degree(self) -> int:
         return 3
 
@@ -129,10 +112,6 @@ class Kvaerno5(AbstractSolver):
     def fevals_per_step(self) -> None:
         # The Newton iterations make it vary: counted step by step.
         return None
-
-    @property
-    def jacobians_per_step(self) -> int:
-        return 1
 
     def rate_for(self, y: State) -> float:
         """The reuse rate in force for a state like y."""

@@ -20,11 +20,11 @@ from ._linear_solve import (
     split_rows,
     time_derivative,
 )
-from ._solvers import AbstractSolver, StepResult
+from ._solvers import AbstractImplicitSolver, StepResult
 from ._state import FlatField, State
 
 
-class Rodas5P(AbstractSolver):
+class Rodas5P(AbstractImplicitSolver):
     """Rodas5P: an L-stable, stiffly accurate Rosenbrock 5(4) method.
 
     Each step linearises once: W = I/(hγ) − J with J = ∂f/∂y(t, y), one LU of W,
@@ -46,25 +46,6 @@ class Rodas5P(AbstractSolver):
 
     tableau: ClassVar[RosenbrockTableau] = tableaus.RODAS5P
 
-    def __check_init__(self):
-        if self.linear_solver not in ("auto", "dense", "matrix_free"):
-            raise ValueError(
-                f"Rodas5P: linear_solver must be 'auto', 'dense' or 'matrix_free', "
-                f"got {self.linear_solver!r}"
-            )
-
-    @property
-    def order(self) -> int:
-        return self.tableau.order
-
-    @property
-    def adaptive(self) -> bool:
-        return True
-
-    @property
-    def error_exponent(self) -> float:
-        return 1.0 / (min(self.tableau.order, self.tableau.error_order) + 1)
-
     @property
     def dense_degree(self) -> int:
         return self.tableau.H.shape[0] + 1
@@ -73,10 +54,6 @@ class Rodas5P(AbstractSolver):
     def fevals_per_step(self) -> int:
         # Stages 2..s, f(t + h, y1) for the next step, one JVP for ∂f/∂t.
         return self.tableau.num_stages + 1
-
-    @property
-    def jacobians_per_step(self) -> int:
-        return 1
 
     def step(
         self,

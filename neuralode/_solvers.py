@@ -11,6 +11,7 @@ from equinox import AbstractClassVar
 from jaxtyping import Array
 
 from . import _interpolation as interp, _tableaus as tableaus
+from ._linear_solve import LinearSolver
 from ._state import FlatField, State
 from ._tableaus import ButcherTableau
 
@@ -165,6 +166,42 @@ class AbstractSolver(eqx.Module):
         `tolerances` = (rtol, atol) of the solve, for methods that iterate
         (their nonlinear solves converge to a fraction of it).
         """
+
+
+class AbstractImplicitSolver(AbstractSolver):
+    """An implicit method of order 5 with an order-4 error estimate, solving
+    with I − hγJ: `Rodas5P`, `Kvaerno5`.
+
+    `linear_solver` chooses the solves (see `_linear_solve`): `"dense"` (jacfwd
+    + LU), `"matrix_free"` (JVPs + GMRES), or `"auto"`: dense up to
+    `DENSE_LIMIT` unknowns. One Jacobian (at most) per step.
+    """
+
+    linear_solver: eqx.AbstractVar[LinearSolver]
+    tableau: AbstractClassVar[Any]
+
+    def __check_init__(self):
+        if self.linear_solver not in ("auto", "dense", "matrix_free"):
+            raise ValueError(
+                f"{type(self).__name__}: linear_solver must be 'auto', 'dense' or "
+                f"'matrix_free', got {self.linear_solver!r}"
+            )
+
+    @property
+    def order(self) -> int:
+        return self.tableau.order
+
+    @property
+    def adaptive(self) -> bool:
+        return True
+
+    @property
+    def error_exponent(self) -> float:
+        return 1.0 / (min(self.tableau.order, self.tableau.error_order) + 1)
+
+    @property
+    def jacobians_per_step(self) -> int:
+        return 1
 
 
 class AbstractExplicitRungeKutta(AbstractSolver):
