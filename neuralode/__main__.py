@@ -12,11 +12,16 @@ and an equinox checkpoint into --out (default runs/<experiment>-<timestamp>/).
 Nothing is written until the options, the output directory and any checkpoint
 to resume from have been checked: an --out that holds another run needs
 --overwrite, and a checkpoint that does not fit is refused with a usage error.
+
+Every command keeps JAX's compiled programs in a persistent cache, for the
+next run to load instead of compiling (which directory and which programs:
+`neuralode.experiments._compilation_cache`); --no-cache turns that off.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import os
 import sys
@@ -51,14 +56,37 @@ def _missing_experiment_dependencies() -> list[str]:
     return [n for n in EXPERIMENT_DEPENDENCIES if importlib.util.find_spec(n) is None]
 
 
+def _cache_note() -> str:
+    from neuralode.experiments._compilation_cache import (
+        CACHE_DIR_VARIABLES,
+        default_cache_dir,
+    )
+
+    return (
+        f"Compiled programs are cached in {default_cache_dir()} (set "
+        f"{CACHE_DIR_VARIABLES[0]} to move it); --no-cache turns the cache off."
+    )
+
+
+def _add_cache_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-cache",
+        dest="cache",
+        action="store_false",
+        help="do not read or write the persistent compilation cache (used by default)",
+    )
+
+
 def _build_parser() -> tuple[argparse.ArgumentParser, dict]:
     """The top-level parser and each experiment's subparser (by name)."""
     from neuralode.experiments import EXPERIMENTS, HelpFormatter
 
+    cache_note = _cache_note()
     parser = argparse.ArgumentParser(
         prog="neuralode",
         description="Reproduce the neural ODE paper's demonstrations.",
-        epilog="Run `neuralode <command> --help` for an experiment's options.",
+        epilog="Run `neuralode <command> --help` for an experiment's options. "
+        + cache_note,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
     subparsers = {}
@@ -67,11 +95,25 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict]:
             name,
             help=module.HELP,
             description=(module.__doc__ or "").split("\n\n")[0],
+            epilog=cache_note,
             formatter_class=HelpFormatter,
         )
         module.add_arguments(subparsers[name])
-    sub.add_parser("demo", help="solve the Van der Pol equation and print it")
+        _add_cache_argument(subparsers[name])
+    demo = sub.add_parser(
+        "demo", help="solve the Van der Pol equation and print it", epilog=cache_note
+    )
+    _add_cache_argument(demo)
     return parser, subparsers
+
+
+def _parse(
+    parser: argparse.ArgumentParser, argv: list[str]
+) -> tuple[argparse.Namespace, bool]:
+    """The options, without --no-cache (not a setting of the run, so not saved
+    in config.json), and whether to use the compilation cache."""
+    args = parser.parse_args(argv)
+    return args, vars(args).pop("cache")
 
 
 def _force_host_devices(num: int | None) -> None:
@@ -103,7 +145,22 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     parser, subparsers = _build_parser()
-    args = parser.parse_args(argv)
+    args, cache = _parse(parser, argv)
+    from neuralode.experiments._compilation_cache import persistent_cache
+
+    # Before anything is compiled; JAX's settings are restored afterwards for
+    # callers that go on compiling in the same process.
+    with persistent_cache() if cache else contextlib.nullcontext():
+        return _run_command(parser, subparsers, args, argv)
+
+
+def _run_command(
+    parser: argparse.ArgumentParser,
+    subparsers: dict,
+    args: argparse.Namespace,
+    argv: list[str],
+) -> int:
+    """Run the parsed command; `argv` is parsed again with the run's defaults."""
     if args.command == "demo":
         return _demo(args)
 
@@ -119,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         # --quick's and a resumed run's settings become the defaults; options
         # given explicitly win. Everything is checked before anything is written.
         subparser.set_defaults(**option_defaults(module, args))
-        args = parser.parse_args(argv)
+        args, _ = _parse(parser, argv)
         ctx = prepare_run(module, args)
     except UsageError as e:
         subparser.error(str(e))
