@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable
 from typing import Any
 
 from ..problems import Problem
@@ -24,6 +25,7 @@ ROW_KEYS: tuple[str, ...] = (
     "time_max_s",
     "repeats",
     "first_call_s",
+    "first_call_warm_s",
     "nfe_fwd",
     "nfe_bwd",
     "steps",
@@ -31,6 +33,7 @@ ROW_KEYS: tuple[str, ...] = (
     "limit_s",
     "time_over_limit",
     "temp_bytes",
+    "syncs",
 )
 
 #: neuralode's BacksolveAdjoint with backward tolerances 10× the forward ones.
@@ -57,13 +60,27 @@ class Skipped(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class RunSettings:
-    """What a runner measures besides time."""
+    """What a runner measures besides time, and where.
+
+    - `device`: ``"cpu"`` or ``"gpu"`` (torch follows it; JAX follows the
+      worker's ``JAX_PLATFORMS``).
+    - `first_call_only`: time only the first call of each timed program (the
+      warm-cache worker); rows carry just ``first_call_s`` and a note.
+    - `keep_program`: called with each timed JAX program and its arguments once
+      it has been measured (the worker writes them to the persistent cache).
+    - `count_syncs`: for forward programs, count the compiled program's loops
+      and conditionals and, on a GPU, its device-to-host copies per step.
+    """
 
     timing: TimingSettings
     count_evals: bool = True
     count_grad_evals: bool = True
     measure_limit: bool = True
     verbose: bool = False
+    device: str = "cpu"
+    first_call_only: bool = False
+    keep_program: Callable[[Callable, tuple], None] | None = None
+    count_syncs: bool = False
 
 
 def tasks(problem: Problem) -> tuple[str, ...]:

@@ -3,10 +3,13 @@
 Torch runs eagerly on one thread (``torch.set_num_threads(1)``); its "first
 call" is just the first eager call. The limit is the JAX fori-loop limit for
 torchdiffeq's own evaluation count, so every library is held to the same bar.
+With ``device="gpu"`` the tensors live on CUDA and every timed call ends with
+``torch.cuda.synchronize()``; a torch without CUDA gives skipped rows.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -25,7 +28,7 @@ from .common import (
 )
 
 
-def _build_field(problem: Problem, torch: Any) -> Any:
+def _build_field(problem: Problem, torch: Any, device: Any) -> Any:
     """The problem's vector field as a ``torch.nn.Module`` counting its calls."""
     dtype = getattr(torch, problem.dtype)
 
@@ -34,8 +37,9 @@ def _build_field(problem: Problem, torch: Any) -> Any:
             super().__init__()
             self.weights = torch.nn.ParameterList()
             for w, b in problem.params or ():
-                self.weights.append(torch.nn.Parameter(torch.tensor(w, dtype=dtype)))
-                self.weights.append(torch.nn.Parameter(torch.tensor(b, dtype=dtype)))
+                for a in (w, b):
+                    tensor = torch.tensor(a, dtype=dtype, device=device)
+                    self.weights.append(torch.nn.Parameter(tensor))
             self.nfe = 0
 
         def mlp(self, x: Any) -> Any:
@@ -81,6 +85,23 @@ def _build_field(problem: Problem, torch: Any) -> Any:
     return Field()
 
 
+def _device(torch: Any, device: str) -> tuple[Any, Callable[[Any], Any]]:
+    """The torch device for `device` and the function that waits for its work."""
+    if device != "gpu":
+        return torch.device("cpu"), lambda out: out
+    if not torch.cuda.is_available():
+        raise Skipped(
+            f"torch {torch.__version__} sees no CUDA device; torchdiffeq is "
+            "not run on --device gpu"
+        )
+
+    def sync(out: Any) -> Any:
+        torch.cuda.synchronize()
+        return out
+
+    return torch.device("cuda"), sync
+
+
 def run(
     problem: Problem, variant: str, ref: dict | None, settings: RunSettings
 ) -> list[dict]:
@@ -91,12 +112,18 @@ def run(
     torch.set_num_threads(1)
     if variant not in ("dopri5", "adjoint"):
         raise Skipped(f"unknown torchdiffeq variant {variant!r}")
+    if settings.first_call_only:
+        raise Skipped("warm-cache first calls are for the JAX libraries")
+    device, sync = _device(torch, settings.device)
     dtype = getattr(torch, problem.dtype)
-    func = _build_field(problem, torch)
+    func = _build_field(problem, torch, device)
     params = tuple(func.parameters())
-    ts = torch.tensor(problem.ts, dtype=dtype)
-    z0 = torch.tensor(problem.y0, dtype=dtype)
-    y0 = (z0, torch.zeros(z0.shape[0], dtype=dtype)) if problem.kind == "cnf" else z0
+    ts = torch.tensor(problem.ts, dtype=dtype, device=device)
+    z0 = torch.tensor(problem.y0, dtype=dtype, device=device)
+    if problem.kind == "cnf":
+        y0 = (z0, torch.zeros(z0.shape[0], dtype=dtype, device=device))
+    else:
+        y0 = z0
     options = dict(
         rtol=problem.rtol,
         atol=problem.atol,
@@ -140,14 +167,11 @@ def run(
             return None
         return limit_callable(field, jax_y0, jax_params, jax_ts[0], nfe, nfe_bwd)
 
-    def no_sync(out: Any) -> Any:
-        return out
-
     def forward_values() -> dict[str, Any]:
-        first_s, out = first_call(forward, no_sync)
+        first_s, out = first_call(forward, sync)
         nfe = func.nfe  # a plain counter: exact and free, no separate run needed
         values: dict[str, Any] = {}
-        got = np.asarray(out.detach().numpy(), np.float64)
+        got = np.asarray(out.detach().cpu().numpy(), np.float64)
         reference = None
         if ref is not None:
             reference = {"fwd": ref.get("ys"), "grad": ref.get("y_final")}.get(
@@ -160,15 +184,15 @@ def run(
         if settings.count_evals:
             values["nfe_fwd"] = nfe
             values["message"] = step_cap_note(problem, nfe)
-        timing = repeat(forward, no_sync, settings.timing, first_s, limit(nfe))
+        timing = repeat(forward, sync, settings.timing, first_s, limit(nfe))
         values.update(timing_values(timing))
         return values
 
     def gradient_values() -> dict[str, Any]:
-        first_s, grads = first_call(gradient, no_sync)
+        first_s, grads = first_call(gradient, sync)
         nfe_total = func.nfe
         values: dict[str, Any] = {}
-        flat_grads = np.concatenate([g.detach().numpy().ravel() for g in grads])
+        flat_grads = np.concatenate([g.detach().cpu().numpy().ravel() for g in grads])
         if ref is not None and "grad" in ref:
             values["error"] = rel_error(flat_grads.astype(np.float64), ref["grad"])
         notes = []
@@ -182,7 +206,7 @@ def run(
             values.update(nfe_fwd=nfe_fwd, nfe_bwd=nfe_bwd)
             notes += [step_cap_note(problem, nfe_fwd), step_cap_note(problem, nfe_bwd)]
         lim = limit(nfe_fwd, max(nfe_bwd or 0, 0))
-        timing = repeat(gradient, no_sync, settings.timing, first_s, lim)
+        timing = repeat(gradient, sync, settings.timing, first_s, lim)
         values.update(timing_values(timing))
         values["message"] = join_notes(*notes)
         return values
