@@ -27,9 +27,10 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 #: Environment variables through which a user's cache settings would reach a
-#: worker (``JAX_<option>`` sets every JAX option): all are removed.
+#: worker (``JAX_<option>`` sets every JAX option; neuralode's experiments
+#: command reads ``NEURALODE_CACHE_DIR``): all are removed.
 _ENV_PREFIXES = ("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE")
-_ENV_NAMES = ("JAX_ENABLE_COMPILATION_CACHE",)
+_ENV_NAMES = ("JAX_ENABLE_COMPILATION_CACHE", "NEURALODE_CACHE_DIR")
 #: XLA flags naming a cache (autotune results, kernels) are removed likewise.
 _XLA_CACHE_FLAG = re.compile(r"--xla_\w*cache\w*(=\S*)?")
 

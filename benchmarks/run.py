@@ -40,7 +40,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from . import cache
+from . import cache, syncs
 from .device import DEVICES, DeviceError, probe
 from .problems import PROBLEM_NAMES, QUICK_PROBLEM_NAMES, Problem, get_problem
 
@@ -305,10 +305,10 @@ class Unit:
         cmd = _worker_cmd(self.library, self.names, self.out, args)
         if self.variant:
             cmd += ["--variant", self.variant]
-        if args.syncs:
-            cmd.append("--syncs")
         if self.cache_dir is not None:
             cmd += ["--populate-cache", str(self.cache_dir)]
+        elif args.syncs:
+            cmd.append("--syncs")
         return cmd
 
     def warm_cmd(self, args: argparse.Namespace) -> list[str]:
@@ -317,6 +317,8 @@ class Unit:
         cmd = _worker_cmd(self.library, self.names, self.warm_out, args)
         if self.variant:
             cmd += ["--variant", self.variant]
+        if args.syncs:  # here a failing profiler costs no timed row
+            cmd.append("--syncs")
         return cmd + ["--first-call-only", "--cache-dir", str(self.cache_dir)]
 
     @property
@@ -372,6 +374,8 @@ def merge_warm(rows: list[dict], warm: list[dict] | None, reason: str) -> list[d
     for row in rows:
         row = dict(row)
         match = found.get((row["problem"], row["variant"], row["task"]))
+        if match is not None and match.get("syncs"):
+            row["syncs"] = syncs.per_step(match["syncs"], row.get("nfe_fwd"))
         if match is not None and match.get("first_call_s") is not None:
             row["first_call_warm_s"] = match["first_call_s"]
             row["message"] = join_notes(row.get("message"), match.get("message"))

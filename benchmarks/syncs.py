@@ -12,9 +12,10 @@ more (JAX issue #2491). Two measurements:
 - `device_to_host_copies`: on a GPU, the device-to-host copies in a profile
   of one call (``jax.profiler``), the measured count.
 
-`measure` combines them with the number of attempted steps, estimated for
-every library alike from the evaluation count (Dopri5: six evaluations per
-attempted step).
+`measure` runs both on a compiled program (the harness does so in the
+warm-cache worker, so that a failing profiler costs no timed row); `per_step`
+divides by the number of attempted steps, estimated for every library alike
+from the evaluation count (Dopri5: six evaluations per attempted step).
 """
 
 from __future__ import annotations
@@ -130,16 +131,17 @@ def device_to_host_copies(call: Callable[[], Any]) -> tuple[int, dict[str, int]]
     return copies, dict(names.most_common(12))
 
 
-def measure(program: Any, args: tuple, nfe: int | None, device: str) -> dict[str, Any]:
-    """Control flow and (on a GPU) device-to-host copies per attempted step."""
+def measure(program: Any, args: tuple, device: str) -> dict[str, Any]:
+    """Control flow and (on a GPU) device-to-host copies of one call.
+
+    Never raises: what failed is in the ``error`` entry.
+    """
     out: dict[str, Any] = {}
     try:
         flow = control_flow(program.lower(*args).compile().as_text())
         out.update(dataclasses.asdict(flow))
     except Exception as exc:  # a backend without HLO text
         out["error"] = f"HLO: {type(exc).__name__}: {exc}"[:200]
-    steps = nfe / EVALS_PER_STEP if nfe else None
-    out["steps_estimate"] = steps
     if device != "gpu":
         return out
     try:
@@ -148,6 +150,13 @@ def measure(program: Any, args: tuple, nfe: int | None, device: str) -> dict[str
         out["error"] = f"profile: {type(exc).__name__}: {exc}"[:200]
         return out
     out["d2h_copies"] = copies
-    out["d2h_per_step"] = copies / steps if steps else None
     out["device_events"] = names
     return out
+
+
+def per_step(measured: dict[str, Any], nfe: int | None) -> dict[str, Any]:
+    """`measured` with the copies per attempted step (NFE / 6 steps)."""
+    steps = nfe / EVALS_PER_STEP if nfe else None
+    copies = measured.get("d2h_copies")
+    per = copies / steps if copies is not None and steps else None
+    return {**measured, "steps_estimate": steps, "d2h_per_step": per}

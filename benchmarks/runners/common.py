@@ -69,7 +69,8 @@ class RunSettings:
     - `keep_program`: called with each timed JAX program and its arguments once
       it has been measured (the worker writes them to the persistent cache).
     - `count_syncs`: for forward programs, count the compiled program's loops
-      and conditionals and, on a GPU, its device-to-host copies per step.
+      and conditionals and, on a GPU, its device-to-host copies per call
+      (`benchmarks.syncs`; in the warm-cache worker when there is one).
     """
 
     timing: TimingSettings

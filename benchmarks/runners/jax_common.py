@@ -150,8 +150,11 @@ class _JaxProblem:
         return counter.measure(lambda: program(self.params, self.y0, self.ts))
 
 
-def _warm_first_call(program: Any, args: tuple) -> dict[str, Any]:
-    """The first call alone (the warm-cache worker), with a note on cache misses."""
+def _warm_first_call(
+    program: Any, args: tuple, settings: RunSettings, forward: bool
+) -> dict[str, Any]:
+    """The first call alone (the warm-cache worker), with a note on cache misses;
+    then, for a forward program, its synchronisations if asked for."""
     events = cache.events()
     looked_up, hits = events.snapshot()
     first_s, _ = first_call(lambda: program(*args), jax_sync)
@@ -160,8 +163,11 @@ def _warm_first_call(program: Any, args: tuple) -> dict[str, Any]:
     callbacks: set[str] = set()
     if hits < looked_up:
         callbacks = cache.callback_targets(program.lower(*args).as_text())
-    note = cache.warm_note(looked_up, hits, callbacks)
-    return {"first_call_s": first_s, "message": note}
+    values = {"first_call_s": first_s}
+    values["message"] = cache.warm_note(looked_up, hits, callbacks)
+    if forward and settings.count_syncs:
+        values["syncs"] = syncs.measure(program, args, settings.device)
+    return values
 
 
 def _measured(
@@ -180,7 +186,7 @@ def _forward_row(
     program = jp.forward_program(jp.field)
     args = (jp.y0, jp.params, jp.ts)
     if settings.first_call_only:
-        return _warm_first_call(program, args)
+        return _warm_first_call(program, args, settings, forward=True)
     first_s, (out, _) = first_call(lambda: program(*args), jax_sync)
     values: dict[str, Any] = {"temp_bytes": compiled_temp_bytes(program, *args)}
     notes = []
@@ -203,9 +209,8 @@ def _forward_row(
     values.update(timing_values(timing))
     values["message"] = join_notes(*notes)
     if settings.count_syncs:
-        values["syncs"] = syncs.measure(
-            program, args, values.get("nfe_fwd"), settings.device
-        )
+        measured = syncs.measure(program, args, settings.device)
+        values["syncs"] = syncs.per_step(measured, values.get("nfe_fwd"))
     return _measured(program, args, settings, values)
 
 
@@ -216,7 +221,7 @@ def _grad_row(
     program = jp.grad_program(jp.field)
     args = (jp.params, jp.y0, jp.ts)
     if settings.first_call_only:
-        return _warm_first_call(program, args)
+        return _warm_first_call(program, args, settings, forward=False)
     first_s, grads = first_call(lambda: program(*args), jax_sync)
     values: dict[str, Any] = {"temp_bytes": compiled_temp_bytes(program, *args)}
     notes = []
