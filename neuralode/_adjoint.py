@@ -250,6 +250,7 @@ class BacksolveAdjoint(AbstractAdjoint):
             groups,
             time_dependent=config.time_dependent,
             throw=config.throw,
+            first_step_given=True,
         )
 
     def _grid(self, tau: Array) -> tuple[Array, Array]:
@@ -284,6 +285,7 @@ class BacksolveAdjoint(AbstractAdjoint):
                 ys_grid,
                 instantiate(ys_grid_bar),
                 fwd_stats.output_steps,
+                fwd_stats.h_last,
             )
             return checked(
                 config,
@@ -337,12 +339,16 @@ class BacksolveAdjoint(AbstractAdjoint):
         ys_grid: Array,
         ys_grid_bar: Array,
         output_steps: Array | None = None,
+        h_forward: Array | None = None,
     ) -> tuple[tuple[PyTree, Array, Array], LoopStats]:
         """Integrate the adjoint system from the last grid time back to the first.
 
         `ys_grid` are the forward states on `self._grid(tau)` (outputs and
-        checkpoints), `ys_grid_bar` their cotangents and `output_steps` the
-        forward step count at each grid time. The solve stops at every output
+        checkpoints), `ys_grid_bar` their cotangents, `output_steps` the
+        forward step count at each grid time and `h_forward` the forward
+        solve's last step size, the backward solve's first (each later
+        interval starts with the step size the previous one ended with; without
+        one, 1e-6 of the first interval). The solve stops at every output
         time and at every checkpoint after which the forward solve took at least
         `checkpoint_min_steps` steps; elsewhere a reset would cost more than the
         drift it corrects.
@@ -430,8 +436,10 @@ class BacksolveAdjoint(AbstractAdjoint):
             num_jacobians=zero,
         )  # fmt: skip
         seed = at(ys_grid_bar, last)
+        h_first = jnp.zeros((), tau.dtype) if h_forward is None else h_forward
+        h_first = lax.stop_gradient(jnp.abs(h_first)).astype(tau.dtype)
         init = BackwardState(
-            at(ys_grid, last), seed, g_zero, last + zero, jnp.zeros((), tau.dtype),
+            at(ys_grid, last), seed, g_zero, last + zero, h_first,
             stats0, lax.stop_gradient(rms_norm(seed)).astype(real),
         )  # fmt: skip
         final = lax.fori_loop(0, last, interval, init)

@@ -210,6 +210,41 @@ class ConstantStepSize(AbstractController):
         return Decision(outcome.valid, outcome.h_proposed)
 
 
+def _start_norms(y0: State, f0: State, rtol, atol, norm_groups) -> tuple[Array, Array]:
+    """d0 = ‖y0‖ and d1 = ‖f0‖ in the error norm, from one reduction per leaf."""
+    scale = tuple(atol + rtol * jnp.abs(leaf) for leaf in y0)
+    sizes = [leaf.size for leaf in y0]
+    real = _real_dtype(y0)
+    sums = [
+        jnp.sum(jnp.stack([squares(y / s), squares(k / s)]).astype(real), axis=-1)
+        for y, k, s in zip(y0, f0, scale, strict=True)
+    ]
+    d0 = norm_of_sums([x[0] for x in sums], sizes, norm_groups)
+    d1 = norm_of_sums([x[1] for x in sums], sizes, norm_groups)
+    return d0, d1
+
+
+def step_bound(
+    t0: Array,
+    y0: State,
+    f0: State,
+    t_span: Array,
+    rtol,
+    atol,
+    exponent: float,
+    norm_groups: tuple[tuple[int, ...], ...] | None = None,
+) -> Array:
+    """Hairer's first-step bound without its extra evaluation: min(100 h0,
+    (0.01/d1)^(1/q), t_span) with h0 = 0.01 d0/d1 (see `initial_step`), i.e.
+    with d2 ≤ d1 assumed. Caps a first step taken from elsewhere (a backward
+    solve starts from the forward's last step) at what the field allows."""
+    d0, d1 = _start_norms(y0, f0, rtol, atol, norm_groups)
+    small = (d0 < 1e-5) | (d1 < 1e-5)
+    h0 = jnp.where(small, 1e-6, 0.01 * d0 / jnp.where(small, 1.0, d1))
+    h1 = (0.01 / jnp.maximum(d1, 1e-15)) ** exponent
+    return jnp.minimum(jnp.minimum(100 * h0, h1), t_span).astype(t0.dtype)
+
+
 def initial_step(
     f: Callable[[Array, State], State],
     t0: Array,
@@ -231,13 +266,7 @@ def initial_step(
     scale = tuple(atol + rtol * jnp.abs(leaf) for leaf in y0)
     sizes = [leaf.size for leaf in y0]
     real = _real_dtype(y0)
-    # d0 and d1 from one reduction per leaf.
-    sums = [
-        jnp.sum(jnp.stack([squares(y / s), squares(k / s)]).astype(real), axis=-1)
-        for y, k, s in zip(y0, f0, scale, strict=True)
-    ]
-    d0 = norm_of_sums([x[0] for x in sums], sizes, norm_groups)
-    d1 = norm_of_sums([x[1] for x in sums], sizes, norm_groups)
+    d0, d1 = _start_norms(y0, f0, rtol, atol, norm_groups)
     small = (d0 < 1e-5) | (d1 < 1e-5)
     h0 = jnp.where(small, 1e-6, 0.01 * d0 / jnp.where(small, 1.0, d1))
     h0 = jnp.minimum(h0, t_span)

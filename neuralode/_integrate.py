@@ -32,6 +32,7 @@ from ._controller import (
     norm_of_sums,
     rms_norm,
     squares,
+    step_bound,
     weighted,
 )
 from ._dense_output import chunked_loop, output_chunk, read_outputs
@@ -69,6 +70,10 @@ class SolverConfig(eqx.Module):
     time_dependent: bool = eqx.field(default=True, static=True)
     # Raise on failure (else report it in the result code, gradients NaN).
     throw: bool = eqx.field(default=True, static=True)
+    # The caller always passes a first step size h0 (a backward solve starts
+    # from the forward's): Hairer's selection is not compiled, and an h0 that
+    # is not positive falls back to 1e-6 of the span.
+    first_step_given: bool = eqx.field(default=False, static=True)
 
     @property
     def adaptive(self) -> bool:
@@ -384,6 +389,12 @@ def first_step(
     if h0 is None:
         return automatic()
     h0 = lax.stop_gradient(h0).astype(t0.dtype)
+    if config.first_step_given:
+        bound = step_bound(
+            t0, y0, f0, t_span, config.rtol, config.atol,
+            config.solver.error_exponent, config.norm_groups,
+        )  # fmt: skip
+        return jnp.where(h0 > 0, jnp.minimum(h0, bound), bound).astype(t0.dtype), zero
     return lax.cond(h0 > 0, lambda: (h0, zero), automatic)
 
 

@@ -247,6 +247,7 @@ def backward_stats(
         (ys_grid,),
         (ys_grid_bar,),
         forward.output_steps,
+        forward.h_last,
     )
     return {**_stats_dict(stats), "result": stats.result}
 

@@ -1,5 +1,14 @@
+import os
+import tempfile
+
 import jax
 import pytest
+
+# The experiments command turns on JAX's persistent compilation cache; tests
+# that run it in-process must not fill (or read) the user's own cache.
+os.environ.setdefault(
+    "NEURALODE_CACHE_DIR", tempfile.mkdtemp(prefix="neuralode-test-cache-")
+)
 
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_dtype_promotion", "strict")
