@@ -13,5 +13,10 @@ Modules:
 - `runners`: one module per library, each turning a problem into result rows.
 - `report`: the markdown table written to ``benchmarks/RESULTS.md``.
 - `run`: the command-line entry point that runs each (library, problem) pair in
-  its own single-threaded subprocess.
+  its own single-threaded subprocess (``--device gpu`` on an accelerator).
+- `cache`: the persistent compilation cache behind the warm-cache first calls.
+- `device`: which device JAX and torch see, checked before any unit runs.
+- `syncs`: loops, conditionals and device-to-host copies of compiled programs.
+- `gpu`: one command for the GPU subset, ``python3 -m benchmarks.gpu``, which
+  writes ``benchmarks/RESULTS-gpu.md``.
 """

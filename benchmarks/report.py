@@ -322,6 +322,16 @@ def _device_lines(results: dict) -> list[str]:
     return lines
 
 
+def _syncs_note(syncs: dict) -> str:
+    """An error, or the device events seen when none was a device-to-host copy."""
+    if syncs.get("error"):
+        return syncs["error"]
+    if syncs.get("d2h_copies") == 0 and syncs.get("device_events"):
+        names = ", ".join(list(syncs["device_events"])[:4])
+        return f"no copy among the device events ({names}, …)"
+    return ""
+
+
 def _syncs_table(rows: list[dict]) -> list[str]:
     """Loops, conditionals and device-to-host copies of the forward programs."""
     measured = [r for r in rows if r.get("syncs")]
@@ -355,7 +365,7 @@ def _syncs_table(rows: list[dict]) -> list[str]:
             _fmt(sy.get("loops_in_loops")),
             _fmt(sy.get("d2h_copies")),
             "—" if per_step is None else f"{per_step:.2f}",
-            (sy.get("error") or "").replace("|", "/"),
+            _syncs_note(sy).replace("|", "/"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines + [""]

@@ -11,8 +11,8 @@ For a JAX library a second fresh subprocess then times the first call again
 with JAX's persistent compilation cache holding what the first one compiled
 ("first call (warm cache)", see `benchmarks.cache`; ``--no-warm-cache`` to
 skip). ``--deadline-s`` starts no unit after that many seconds and runs the
-units library by library (each library's warm-cache runs after its own), so
-that a cut run still has whole libraries.
+units by priority (neuralode and diffrax, then jax.experimental.ode, then
+torchdiffeq), so that a cut run still has whole libraries.
 
 ``--quick`` uses tiny sizes and few repeats, one subprocess per library, no
 warm-cache runs unless ``--warm-cache``, and writes to ``benchmarks/_out/`` so
@@ -275,12 +275,17 @@ def _ensure_references(
         )
 
 
-def _summary(row: dict) -> str:
+def _summary(row: dict, warm: bool = False) -> str:
+    unit = f"{row['problem']:<10} {row['library']:<12} {row['variant']:<21}"
+    if warm:  # a warm-cache worker's row: its first call, or why there is none
+        first = row.get("first_call_s")
+        shown = f"first call {first:.3f} s" if first is not None else row["status"]
+        note = f" ({row['message']})" if row.get("message") else ""
+        return f"  {unit} {row['task']:<5} {shown}{note}"
     time_s = row.get("time_median_s")
     shown = f"{time_s * 1e3:9.2f} ms" if time_s is not None else f"{row['status']:>12}"
     ratio = row.get("time_over_limit")
     shown += f"  {ratio:7.2f}x limit" if ratio else ""
-    unit = f"{row['problem']:<10} {row['library']:<12} {row['variant']:<21}"
     return f"  {unit} {row['task']:<5}{shown}"
 
 
@@ -407,6 +412,15 @@ class Clock:
         return min(limit_s, max(self.deadline_s - self.elapsed(), 0.0) + 30.0)
 
 
+#: Under ``--deadline-s`` the units run in these groups, in this order (within
+#: a group, problem by problem, each warm-cache run right after its unit).
+DEADLINE_GROUPS: tuple[tuple[str, ...], ...] = (
+    ("neuralode", "diffrax"),
+    ("jaxode",),
+    ("torchdiffeq",),
+)
+
+
 def _skipped(rows: list[dict], clock: Clock) -> list[dict]:
     message = f"not run: the run's --deadline-s {clock.deadline_s:g} s was spent"
     return [dict(r, status="skipped", message=message) for r in rows]
@@ -414,8 +428,6 @@ def _skipped(rows: list[dict], clock: Clock) -> list[dict]:
 
 def _run_round(args: argparse.Namespace, units: list[Unit], clock: Clock) -> list[dict]:
     """Measure `units` (cold, then warm where planned); rows in unit order."""
-    from .runners import LIBRARIES
-
     env = single_thread_env(args.device)
     lock = threading.Lock()
 
@@ -428,8 +440,10 @@ def _run_round(args: argparse.Namespace, units: list[Unit], clock: Clock) -> lis
                 file=sys.stderr,
                 flush=True,
             )
-            for row in rows if kind == "measure" else ():
-                print(_summary(row), file=sys.stderr, flush=True)
+            for row in rows:
+                print(
+                    _summary(row, warm=kind != "measure"), file=sys.stderr, flush=True
+                )
 
     def cold(unit: Unit) -> list[dict]:
         if clock.spent():
@@ -460,28 +474,19 @@ def _run_round(args: argparse.Namespace, units: list[Unit], clock: Clock) -> lis
         report(unit, "warm cache", started, warm_rows)
         return merge_warm(rows, warm_rows, "warm-cache run failed")
 
-    futures: dict[int, concurrent.futures.Future] = {}
     if clock.deadline_s is None:
-        batches = [units]
-    else:  # library by library, so that a cut run keeps whole libraries
-        batches = [[u for u in units if u.library == lib] for lib in LIBRARIES]
+        order = units
+    else:  # by priority, so that a cut run keeps whole libraries
+        order = [u for group in DEADLINE_GROUPS for u in units if u.library in group]
+    futures: dict[int, concurrent.futures.Future] = {}
     with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
-
-        def then_warm(unit: Unit, measured: concurrent.futures.Future) -> None:
-            # Submitted after its measuring job, so it never waits on a job
-            # queued behind it.
+        for unit in order:
+            measured = pool.submit(cold, unit)
+            # Submitted right after its measuring job, so a warm job never
+            # waits on a job queued behind it.
             futures[id(unit)] = (
                 pool.submit(warm, unit, measured) if unit.cache_dir else measured
             )
-
-        for batch in batches:
-            measured = []
-            for unit in batch:
-                measured.append((unit, pool.submit(cold, unit)))
-                if clock.deadline_s is None:  # each warm run right after its own
-                    then_warm(*measured.pop())
-            for unit, future in measured:  # a library's warm runs after its units
-                then_warm(unit, future)
     return [row for unit in units for row in futures[id(unit)].result()]
 
 
@@ -607,7 +612,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "--deadline-s",
         type=float,
         default=None,
-        help="start no unit after this many seconds (the rest are skipped rows)",
+        help="start no unit after this many seconds (the rest are skipped rows); "
+        "runs neuralode and diffrax first",
     )
     parser.add_argument("--target-s", type=float, default=2.0, help="repeat time, s")
     parser.add_argument(
