@@ -33,6 +33,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -269,13 +270,17 @@ def _install(args: argparse.Namespace) -> int:
     from .run import single_thread_env
 
     def check() -> tuple[dict[str, Any], bool, str]:
-        found = installed_modules()
+        try:
+            found = installed_modules()
+        except subprocess.TimeoutExpired:
+            found = dict.fromkeys(REQUIRED + OPTIONAL)
         LOG("found: " + ", ".join(f"{k} {v or '—'}" for k, v in found.items()))
+        LOG(f"neuralode asks for {_jax_requirement()}; running with jax {found['jax']}")
         if not found.get("jax"):
             return found, False, "jax is not installed"
         try:
             info = probe(args.device, single_thread_env(args.device), False)
-        except DeviceError as exc:
+        except (DeviceError, subprocess.TimeoutExpired) as exc:
             return found, False, str(exc)
         LOG(f"JAX device: {info.get('device_kind')} ({info.get('platform')})")
         return found, True, ""
@@ -296,6 +301,13 @@ def _install(args: argparse.Namespace) -> int:
         return 0
     LOG(f"cannot run: {', '.join(missing) or problem} (no package registry?)")
     return 2
+
+
+def _jax_requirement() -> str:
+    """neuralode's requirement on jax, from pyproject.toml."""
+    text = (ROOT / "pyproject.toml").read_text()
+    found = re.search(r'"(jax[<>=!~][^"]*)"', text)
+    return found.group(1) if found else "jax"
 
 
 def _finish(files: list[Path], log_path: Path) -> None:

@@ -108,8 +108,9 @@ def control_flow(hlo_text: str) -> ControlFlow:
 def device_to_host_copies(call: Callable[[], Any]) -> tuple[int, dict[str, int]]:
     """Device-to-host copies in a profile of one ``call()`` (run once before).
 
-    Returns the count and the most frequent event names on the device planes
-    (so that a reader can check what was counted).
+    Returns the count and the most frequent ``"line: event"`` names on the
+    device planes (so that a reader can check what was counted, and that no
+    copy appears on two lines).
     """
     import jax
 
@@ -126,8 +127,10 @@ def device_to_host_copies(call: Callable[[], Any]) -> tuple[int, dict[str, int]]
             if not plane.name.startswith("/device:"):
                 continue
             for line in plane.lines:
-                names.update(event.name for event in line.events)
-    copies = sum(n for name, n in names.items() if _D2H.search(name))
+                names.update(f"{line.name}: {event.name}" for event in line.events)
+    copies = sum(
+        n for name, n in names.items() if _D2H.search(name.rsplit(": ", 1)[-1])
+    )
     return copies, dict(names.most_common(12))
 
 
