@@ -128,6 +128,8 @@ def device_to_host_copies(call: Callable[[], Any]) -> tuple[int, dict[str, int]]
                 continue
             for line in plane.lines:
                 names.update(f"{line.name}: {event.name}" for event in line.events)
+    if not names:
+        raise RuntimeError("no device events in the profile (is CUPTI there?)")
     copies = sum(
         n for name, n in names.items() if _D2H.search(name.rsplit(": ", 1)[-1])
     )
