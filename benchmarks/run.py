@@ -120,6 +120,14 @@ def chosen_variants(
     return chosen[:1] if quick else chosen
 
 
+def _populate(directory: str, programs: list[tuple[Any, tuple]]) -> None:
+    """Write `programs` to the cache; a failure costs the warm run, not the rows."""
+    try:
+        cache.write_programs(directory, programs)
+    except Exception as exc:
+        print(f"warning: cache not written: {exc!r}"[:300], file=sys.stderr)
+
+
 def _worker(args: argparse.Namespace) -> int:
     from .device import describe, require
     from .reference import load_reference
@@ -161,7 +169,7 @@ def _worker(args: argparse.Namespace) -> int:
         for variant in chosen:
             rows += run_unit(library, problem, variant, ref, settings)
             if kept:  # after the unit's measurements, under the same JAX config
-                cache.write_programs(args.populate_cache, kept)
+                _populate(args.populate_cache, kept)
                 kept.clear()
     Path(args.json_out).write_text(json.dumps(rows, indent=1))
     return 0
