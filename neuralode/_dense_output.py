@@ -101,7 +101,9 @@ def chunked_loop(running, body, init: S, tau_out, chunk: int):
             local,
         )
         # A step past the chunk's last output covers outputs beyond the window.
-        out_index = jnp.searchsorted(tau_out, state.t, side="right", method="scan")
+        out_index = jnp.searchsorted(
+            tau_out, state.t, side="right", method="compare_all"
+        )
         return state._replace(out_index=out_index.astype(jnp.int32)), full
 
     init = init._replace(window=padded_times[:chunk])
