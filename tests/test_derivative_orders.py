@@ -98,11 +98,18 @@ def _derivatives(adjoint_name: str, order: int) -> tuple[np.ndarray, np.ndarray]
     return exact, np.stack(columns, axis=-1)
 
 
+#: Hessians of these adjoints (each compiles for 10-30 s): the record that
+#: thins and recomputes stands for CheckpointAdjoint, whose default record
+#: (every step kept) gets its second derivatives in test_adjoint.py.
+HESSIAN_ADJOINTS = ("BacksolveAdjoint", "CheckpointAdjoint-3", "ForwardMode")
+
+
 def _cases(order: int, input_sets):
-    """(adjoint name, *inputs) for every adjoint and set of inputs, with the
-    known ForwardMode failure and the slow Hessians marked."""
+    """(adjoint name, *inputs) for every adjoint (of `HESSIAN_ADJOINTS` for
+    order 2) and set of inputs, with the slow Hessians marked."""
     cases = []
-    for inputs, name in itertools.product(input_sets, ADJOINTS):
+    names = ADJOINTS if order == 1 else HESSIAN_ADJOINTS
+    for inputs, name in itertools.product(input_sets, names):
         marks = []
         if order == 2 and name != FAST_HESSIAN:
             marks.append(pytest.mark.slow)
