@@ -51,9 +51,11 @@ class SolveError(RuntimeError):
 
     Raised directly by calls that are not compiled (eager `solve`, `odeint`,
     `jax.grad` of them). Inside `jax.jit` / `eqx.filter_jit` JAX delivers the
-    failure as a `jax.errors.JaxRuntimeError` whose text contains this
-    message; run the compiled function inside `reraise_failures()` to get a
-    `SolveError` with only the message.
+    failure as an exception whose text contains this message: a
+    `jax.errors.JaxRuntimeError` from a call that compiles, a `ValueError` from
+    a later call of the compiled function (JAX's C++ dispatch path). Run the
+    compiled function inside `reraise_failures()` to get a `SolveError` with
+    only the message either way.
     """
 
 
@@ -64,7 +66,9 @@ def solve_error_from(error: BaseException) -> SolveError | None:
     """The `SolveError` that a JAX runtime error carries, or None."""
     if isinstance(error, SolveError):
         return error
-    if not isinstance(error, jax.errors.JaxRuntimeError):
+    # JAX raises a failed callback as JaxRuntimeError on the call that compiles
+    # and as ValueError on later calls dispatched from C++.
+    if not isinstance(error, jax.errors.JaxRuntimeError | ValueError):
         return None
     match = _RAISED.search(str(error))
     return None if match is None else SolveError(match.group(1).strip())
@@ -78,9 +82,9 @@ class reraise_failures(contextlib.ContextDecorator):
         with neuralode.reraise_failures():
             loss = train_step(model, x)      # a jax.jit / eqx.filter_jit function
 
-    A `jax.errors.JaxRuntimeError` raised by a neuralode failure check is
-    re-raised as `SolveError` with the neuralode message alone; every other
-    exception passes through unchanged.
+    The `jax.errors.JaxRuntimeError` or `ValueError` (see `SolveError`) that a
+    neuralode failure check raises is re-raised as `SolveError` with the
+    neuralode message alone; every other exception passes through unchanged.
     """
 
     def __enter__(self):

@@ -296,6 +296,25 @@ def test_compiled_failure_reraised_with_the_message_first(caplog):
     assert not [r for r in caplog.records if "callback failed" in r.getMessage()]
 
 
+def test_failure_after_a_successful_call_is_reraised():
+    """A compiled function that succeeded once runs from JAX's C++ dispatch
+    path, where a failed check surfaces as ValueError, not JaxRuntimeError."""
+    solve = jax.jit(lambda y0: no.odeint(blow_up, y0, jnp.array([0.0, 2.0])))
+    solve(jnp.full(1, 0.1))
+    with pytest.raises(no.SolveError, match="^neuralode: step size underflow"):
+        with no.reraise_failures():
+            solve(jnp.ones(1))
+    with pytest.raises(
+        (jax.errors.JaxRuntimeError, ValueError), match="SolveError: neuralode: step"
+    ):
+        solve(jnp.ones(1))
+    # Without x64, JAX's C++ dispatch raises ValueError (seen with jax 0.10.2).
+    text = "INTERNAL: CpuCallback error\nSolveError: neuralode: step size underflow"
+    with pytest.raises(no.SolveError, match="^neuralode: step size underflow$"):
+        with no.reraise_failures():
+            raise ValueError(text)
+
+
 def test_reraise_failures_passes_other_errors_through():
     with pytest.raises(ValueError, match="unrelated"), no.reraise_failures():
         raise ValueError("unrelated")
