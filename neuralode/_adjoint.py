@@ -347,11 +347,12 @@ class BacksolveAdjoint(AbstractAdjoint):
         checkpoints), `ys_grid_bar` their cotangents, `output_steps` the
         forward step count at each grid time and `h_forward` the forward
         solve's last step size, the backward solve's first (each later
-        interval starts with the step size the previous one ended with; without
-        one, 1e-6 of the first interval). The solve stops at every output
-        time and at every checkpoint after which the forward solve took at least
-        `checkpoint_min_steps` steps; elsewhere a reset would cost more than the
-        drift it corrects.
+        interval starts with the step size the previous one ended with; every
+        first step is capped by Hairer's bound from the adjoint field at the
+        interval's start, which alone sets it without `h_forward`). The solve
+        stops at every output time and at every checkpoint after which the
+        forward solve took at least `checkpoint_min_steps` steps; elsewhere a
+        reset would cost more than the drift it corrects.
 
         **Returns:** `((params_bar, y0_bar, tau_bar), stats)`, `params_bar` holding
         cotangents for the inexact array leaves of `params` (None elsewhere).

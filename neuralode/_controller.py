@@ -210,8 +210,12 @@ class ConstantStepSize(AbstractController):
         return Decision(outcome.valid, outcome.h_proposed)
 
 
-def _start_norms(y0: State, f0: State, rtol, atol, norm_groups) -> tuple[Array, Array]:
-    """d0 = ‖y0‖ and d1 = ‖f0‖ in the error norm, from one reduction per leaf."""
+def _first_guess(y0: State, f0: State, rtol, atol, norm_groups) -> tuple[Array, Array]:
+    """Hairer's first guess h0 = 0.01 d0/d1 (1e-6 when d0 or d1 is below 1e-5),
+    with d0 = ‖y0‖ and d1 = ‖f0‖ in the error norm (one reduction per leaf).
+
+    **Returns:** `(h0, d1)`.
+    """
     scale = tuple(atol + rtol * jnp.abs(leaf) for leaf in y0)
     sizes = [leaf.size for leaf in y0]
     real = _real_dtype(y0)
@@ -221,7 +225,8 @@ def _start_norms(y0: State, f0: State, rtol, atol, norm_groups) -> tuple[Array, 
     ]
     d0 = norm_of_sums([x[0] for x in sums], sizes, norm_groups)
     d1 = norm_of_sums([x[1] for x in sums], sizes, norm_groups)
-    return d0, d1
+    small = (d0 < 1e-5) | (d1 < 1e-5)
+    return jnp.where(small, 1e-6, 0.01 * d0 / jnp.where(small, 1.0, d1)), d1
 
 
 def step_bound(
@@ -238,9 +243,7 @@ def step_bound(
     (0.01/d1)^(1/q), t_span) with h0 = 0.01 d0/d1 (see `initial_step`), i.e.
     with d2 ≤ d1 assumed. Caps a first step taken from elsewhere (a backward
     solve starts from the forward's last step) at what the field allows."""
-    d0, d1 = _start_norms(y0, f0, rtol, atol, norm_groups)
-    small = (d0 < 1e-5) | (d1 < 1e-5)
-    h0 = jnp.where(small, 1e-6, 0.01 * d0 / jnp.where(small, 1.0, d1))
+    h0, d1 = _first_guess(y0, f0, rtol, atol, norm_groups)
     h1 = (0.01 / jnp.maximum(d1, 1e-15)) ** exponent
     return jnp.minimum(jnp.minimum(100 * h0, h1), t_span).astype(t0.dtype)
 
@@ -266,9 +269,7 @@ def initial_step(
     scale = tuple(atol + rtol * jnp.abs(leaf) for leaf in y0)
     sizes = [leaf.size for leaf in y0]
     real = _real_dtype(y0)
-    d0, d1 = _start_norms(y0, f0, rtol, atol, norm_groups)
-    small = (d0 < 1e-5) | (d1 < 1e-5)
-    h0 = jnp.where(small, 1e-6, 0.01 * d0 / jnp.where(small, 1.0, d1))
+    h0, d1 = _first_guess(y0, f0, rtol, atol, norm_groups)
     h0 = jnp.minimum(h0, t_span)
     h0_y = h0.astype(real)
     f1 = f(t0 + h0, tuple(y + h0_y * k for y, k in zip(y0, f0, strict=True)))

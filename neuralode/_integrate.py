@@ -71,8 +71,8 @@ class SolverConfig(eqx.Module):
     # Raise on failure (else report it in the result code, gradients NaN).
     throw: bool = eqx.field(default=True, static=True)
     # The caller always passes a first step size h0 (a backward solve starts
-    # from the forward's): Hairer's selection is not compiled, and an h0 that
-    # is not positive falls back to 1e-6 of the span.
+    # from the forward's): Hairer's selection is not compiled; h0 is capped by
+    # `step_bound` (Hairer's bound from f0 alone), which replaces an h0 <= 0.
     first_step_given: bool = eqx.field(default=False, static=True)
 
     @property
