@@ -22,6 +22,7 @@ from ._failure import (
     SolveError as SolveError,
     reraise_failures as reraise_failures,
 )
+from ._interpolating_adjoint import InterpolatingAdjoint as InterpolatingAdjoint
 from ._neural_ode import NeuralODE as NeuralODE
 from ._rosenbrock import Rodas5P as Rodas5P
 from ._solution import RESULTS as RESULTS, Solution as Solution
