@@ -8,7 +8,7 @@ by replaying its stored steps; `ForwardMode` has no custom rule at all.
 from __future__ import annotations
 
 import abc
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import equinox as eqx
 import jax
@@ -27,6 +27,7 @@ from ._adjoint_common import (
     time_cotangents,
 )
 from ._controller import rms_norm
+from ._event import event_function
 from ._failure import checked
 from ._integrate import LoopOptions, LoopStats, SolverConfig, integrate
 from ._solution import RESULTS
@@ -35,6 +36,11 @@ from ._state import State
 
 class AbstractAdjoint(eqx.Module):
     """How `solve` is differentiated in reverse mode."""
+
+    #: Whether `loop` honours a problem's event (`problem.condition`): stops
+    #: where `_integrate.integrate` does with `event=` and reports
+    #: `stats.event`, with outputs after the stop frozen at the state there.
+    supports_events: ClassVar[bool] = False
 
     @abc.abstractmethod
     def loop(
@@ -64,10 +70,13 @@ class ForwardMode(AbstractAdjoint):
     `CheckpointAdjoint` for `jax.grad`.
     """
 
+    supports_events: ClassVar[bool] = True
+
     def loop(self, config, problem, params, y0, ts, h0=None):
         direction, tau = direction_and_tau(ts)
         f = lambda t, y: problem.f_flat(t, y, params, direction)
-        return integrate(config, f, y0, tau, h0)[:2]
+        event = event_function(problem, params, direction)
+        return integrate(config, f, y0, tau, h0, event=event)[:2]
 
 
 def _diagnoses(problem) -> bool:
@@ -87,6 +96,15 @@ def _diagnoses(problem) -> bool:
 #: errors that the reverse-time flow amplifies beyond this make a and the
 #: parameter integral wrong by more than the tolerances suggest.
 MAX_DRIFT = 1000.0
+
+
+def stop_time(stats: LoopStats, tau: Array) -> Array | None:
+    """Where a forward solve with an event stopped, from τ_0 and not
+    differentiated (+inf if it ran to the end); None without an event."""
+    if stats.event is None:
+        return None
+    stop = stats.event
+    return lax.stop_gradient(jnp.where(stop.hit, stop.t_rel, jnp.inf).astype(tau.dtype))
 
 
 def state_drift(
@@ -213,6 +231,7 @@ class BacksolveAdjoint(AbstractAdjoint):
     seminorm: bool = eqx.field(default=True, static=True)
     checkpoints: int = eqx.field(default=8, static=True)
     checkpoint_min_steps: int = eqx.field(default=4, static=True)
+    supports_events: ClassVar[bool] = True
 
     def __check_init__(self):
         for name in ("rtol", "atol"):
@@ -286,6 +305,7 @@ class BacksolveAdjoint(AbstractAdjoint):
                 instantiate(ys_grid_bar),
                 fwd_stats.output_steps,
                 fwd_stats.h_last,
+                stop_time(fwd_stats, tau),
             )
             return checked(
                 config,
@@ -327,7 +347,8 @@ class BacksolveAdjoint(AbstractAdjoint):
         options = LoopOptions(
             diagnose_stiffness=_diagnoses(problem), record_output_steps=record
         )
-        return integrate(config, f, y0, grid, h0, options)[:2]
+        event = event_function(problem, params, direction)
+        return integrate(config, f, y0, grid, h0, options, event)[:2]
 
     def backward(
         self,
@@ -340,6 +361,7 @@ class BacksolveAdjoint(AbstractAdjoint):
         ys_grid_bar: Array,
         output_steps: Array | None = None,
         h_forward: Array | None = None,
+        t_stop: Array | None = None,
     ) -> tuple[tuple[PyTree, Array, Array], LoopStats]:
         """Integrate the adjoint system from the last grid time back to the first.
 
@@ -349,7 +371,10 @@ class BacksolveAdjoint(AbstractAdjoint):
         solve's last step size, the backward solve's first (each later
         interval starts with the step size the previous one ended with; every
         first step is capped by Hairer's bound from the adjoint field at the
-        interval's start, which alone sets it without `h_forward`). The solve
+        interval's start, which alone sets it without `h_forward`). A forward
+        solve stopped by an event at `t_stop` (τ, from `stop_time`) has its
+        states after it frozen there: the grid is clipped to `t_stop`, so the
+        backward solve starts there and its intervals after it are empty. The solve
         stops at every output time and at every checkpoint after which the
         forward solve took at least `checkpoint_min_steps` steps; elsewhere a
         reset would cost more than the drift it corrects.
@@ -362,7 +387,12 @@ class BacksolveAdjoint(AbstractAdjoint):
         m, q = len(ys_grid), len(theta)
         dtype = ys_grid[0].dtype
         g_zero = tuple(jnp.zeros(leaf.size, dtype) for leaf in theta)
-        grid, grid_vjp = jax.vjp(lambda tau: self._grid(tau)[0], tau)
+
+        def clipped_grid(tau):
+            grid = self._grid(tau)[0]
+            return grid if t_stop is None else jnp.minimum(grid, tau[0] + t_stop)
+
+        grid, grid_vjp = jax.vjp(clipped_grid, tau)
         last = grid.shape[0] - 1
         is_output = jnp.zeros(last + 1, bool).at[self._grid(tau)[1]].set(True)
         if output_steps is None:

@@ -11,6 +11,7 @@ import numpy as np
 from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 from jaxtyping import Array, PyTree
 
+from ._event import event_function
 from ._failure import checked
 from ._integrate import LoopOptions, SolverConfig, integrate
 
@@ -183,7 +184,8 @@ def primal_solve(
     def primal(params_arrays, y0, tau, direction, h0):
         params = eqx.combine(params_arrays, params_static)
         f = lambda t, y: problem.f_flat(t, y, params, direction)
-        return integrate(config, f, y0, tau, h0, options)[:2]
+        event = event_function(problem, params, direction)
+        return integrate(config, f, y0, tau, h0, options, event)[:2]
 
     return primal
 

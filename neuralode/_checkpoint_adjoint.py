@@ -28,7 +28,7 @@ with a rule that JAX can differentiate once more:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import equinox as eqx
 import jax
@@ -39,7 +39,7 @@ from jax.flatten_util import ravel_pytree
 from jaxtyping import PyTree
 
 from . import _interpolation as interp
-from ._adjoint import AbstractAdjoint
+from ._adjoint import AbstractAdjoint, stop_time
 from ._adjoint_common import (
     custom_vjp_loop,
     direction_and_tau,
@@ -51,6 +51,7 @@ from ._adjoint_common import (
     time_cotangents,
     zero_cotangent,
 )
+from ._event import event_function
 from ._integrate import LoopOptions, integrate, tolerances
 from ._state import State, select
 from ._step_record import StepRecord, kept_slots, thinned_stride
@@ -493,16 +494,20 @@ def _checkpoint_sweep(max_steps: int, longest: int, degree: int) -> Callable:
     return sweep
 
 
-def _step_times(record: StepRecord, tau: jax.Array) -> jax.Array:
+def _step_times(record: StepRecord, tau: jax.Array, t_stop=None) -> jax.Array:
     """The record's step times s_k, measured from τ_0 as the loop measured them
     (so that each replayed step has the forward step's size exactly), with
     s_0 moving with τ_0 and s_N with τ_N, the steps in between fixed in
     absolute time (their sizes are not differentiated), as the kept states
     are for the continuous ∂L/∂τ_0 (see `time_cotangents`). The values are
-    the record's."""
+    the record's. A solve stopped by an event (`t_stop` finite) ends where it
+    stopped, which τ_N does not move."""
     moving = lambda x: x - lax.stop_gradient(x)
     times = lax.stop_gradient(record.times)
-    return times.at[0].add(moving(tau[0])).at[record.count].add(moving(tau[-1]))
+    end = moving(tau[-1])
+    if t_stop is not None:
+        end = jnp.where(jnp.isfinite(t_stop), 0, end)
+    return times.at[0].add(moving(tau[0])).at[record.count].add(end)
 
 
 class CheckpointAdjoint(AbstractAdjoint):
@@ -544,6 +549,7 @@ class CheckpointAdjoint(AbstractAdjoint):
     """
 
     checkpoints: int | None = eqx.field(default=256, static=True)
+    supports_events: ClassVar[bool] = True
 
     def __check_init__(self):
         value = self.checkpoints
@@ -567,10 +573,11 @@ class CheckpointAdjoint(AbstractAdjoint):
             params = eqx.combine(params_arrays, params_static)
             f = lambda t, y: problem.f_flat(t, y, params, direction)
             options = LoopOptions(record_steps=True, record_slots=self.checkpoints)
-            ys, stats, record = integrate(config, f, y0, tau, h0, options)
+            event = event_function(problem, params, direction)
+            ys, stats, record = integrate(config, f, y0, tau, h0, options, event)
             return (ys, record), stats
 
-        def backward(residual, _, params_arrays, y0, tau, direction, cotangent):
+        def backward(residual, stats, params_arrays, y0, tau, direction, cotangent):
             (ys, record), (ys_bar, record_bar) = residual, cotangent
             params = eqx.combine(params_arrays, params_static)
             # The kept states have cotangents only in second-order use.
@@ -580,6 +587,7 @@ class CheckpointAdjoint(AbstractAdjoint):
             return self.backward(
                 config, problem, params, direction, tau, ys, record,
                 instantiate(ys_bar), instantiate(kept_bar), self.checkpoints,
+                stop_time(stats, tau),
             )  # fmt: skip
 
         # Not differentiated, the solve records no steps.
@@ -597,14 +605,30 @@ class CheckpointAdjoint(AbstractAdjoint):
     @staticmethod
     def backward(
         config, problem, params, direction, tau, ys, record: StepRecord, ys_bar,
-        kept_bar, checkpoints: int | None = None,
+        kept_bar, checkpoints: int | None = None, t_stop=None,
     ):  # fmt: skip
-        """Cotangents (params, y0, τ) from those of the outputs and kept states."""
+        """Cotangents (params, y0, τ) from those of the outputs and kept states.
+
+        A solve stopped by an event at `t_stop` (from τ_0, see `stop_time`)
+        ends its last recorded step there, and its outputs after it are that
+        state: their cotangents join the last output's, and the last step's
+        end does not move with τ_N.
+        """
         diff, fixed = eqx.partition(params, eqx.is_inexact_array)
         theta, unravel_theta = ravel_pytree(diff)
         real = jnp.real(ys[0]).dtype
         n_out = tau.shape[0]
-        times = _step_times(record, tau)
+        if t_stop is not None:
+            frozen = lax.stop_gradient(tau - tau[0]) > t_stop
+            seed_extra = tuple(
+                jnp.sum(jnp.where(frozen[:-1, None], bar[:-1], 0), axis=0)
+                for bar in ys_bar
+            )
+            ys_bar = tuple(
+                jnp.where(frozen[:, None], 0, bar).at[-1].set(bar[-1] + extra)
+                for bar, extra in zip(ys_bar, seed_extra, strict=True)
+            )
+        times = _step_times(record, tau, t_stop)
         origin = lax.stop_gradient(tau[0])
         solver = config.solver
         # Interior outputs are read from their steps' interpolants.
@@ -643,6 +667,8 @@ class CheckpointAdjoint(AbstractAdjoint):
             )
             - 1
         )
+        if t_stop is not None:
+            k_out = jnp.where(frozen, 0, k_out)
         index = jnp.arange(n_out)
         before = (k_out < 0) & (index > 0) & (index < n_out - 1)
         y0_direct = tuple(
@@ -655,6 +681,9 @@ class CheckpointAdjoint(AbstractAdjoint):
             k = jnp.maximum(output_steps, 0)
             t, t_new = times[k], times[k + 1]
             fractions = ((tau[inner] - origin - t) / (t_new - t)).astype(real)
+            if t_stop is not None:
+                # Outputs after an event's stop have no cotangent of their own.
+                fractions = jnp.where(frozen[inner], 0, fractions)
             outputs_bar = tuple(bar[inner] for bar in ys_bar)
         layout = _Layout(record.stride, record.count, output_steps)
         slots = kept_slots(checkpoints, config.max_steps)

@@ -36,6 +36,7 @@ from ._controller import (
     weighted,
 )
 from ._dense_output import chunked_loop, output_chunk, read_outputs
+from ._event import EventFunction, EventStop, crossed
 from ._packed_loop import packed_while_loop
 from ._solution import RESULTS
 from ._solvers import AbstractSolver
@@ -316,6 +317,8 @@ class LoopStats(NamedTuple):
     num_jacobians: Int[Array, ""] | None = None
     # A switching solver's [number of switches, accepted stiff steps].
     switch_counts: Int[Array, " 2"] | None = None
+    # Where a loop with an event stopped (see `_event`), else None.
+    event: EventStop | None = None
 
 
 class _ForwardState(NamedTuple):
@@ -350,6 +353,13 @@ class _ForwardState(NamedTuple):
     # The output times of the slots in this state's buffers: tau_out[base:][:K].
     window: Array
     base: Array
+    # With an event: the conditions' values at t, which of them crossed in the
+    # step from t (the loop then stops before taking it), whether any did, and
+    # that step's size; else None.
+    event_g: Array | None = None
+    event_fired: Array | None = None
+    event_hit: Array | None = None
+    event_h: Array | None = None
 
 
 def first_step(
@@ -455,6 +465,7 @@ def integrate(
     tau_out: Float[Array, " n_out"],
     h0: Array | None = None,
     options: LoopOptions = LoopOptions(),
+    event: EventFunction | None = None,
 ) -> LoopResult:
     """Solve from tau_out[0] to tau_out[-1] (increasing), returning y at tau_out.
 
@@ -467,6 +478,9 @@ def integrate(
     - `tau_out`: increasing output times.
     - `h0`: a first step size to use instead of the configured one (if > 0).
     - `options`: what to record besides the outputs (`LoopOptions`).
+    - `event`: stop before the first accepted step across which a condition
+      changes sign (see `_event`); outputs after the time reached then hold
+      the state there, and `stats.event` says where the loop stopped.
     """
     (
         diagnose_stiffness,
@@ -475,18 +489,20 @@ def integrate(
         record_slots,
         dense_output,
     ) = options
+    real = jnp.real(y0[0]).dtype
     # The loop measures time from tau_out[0], so that its step arithmetic has
     # full precision whatever the offset (float32 at t = 1e5 resolves 0.008).
     origin = tau_out[0]
     field = f
     f = lambda s, y: field(origin + s, y)
+    if event is not None:
+        event_values = lambda s, y: event.values(origin + s, y).astype(real)
     tau_out = tau_out - origin
     t0 = tau_out[0]
     t_end = tau_out[-1]
     n_out = tau_out.shape[0]
     f0 = f(t0, y0)
     h0, init_fevals = first_step(config, f, t0, y0, f0, t_end - t0, h0)
-    real = jnp.real(y0[0]).dtype
     degree = config.solver.dense_degree
 
     # Dense output without a loop over outputs: every attempt writes its step's
@@ -532,7 +548,8 @@ def integrate(
         return slots, slot_times, out_steps, out_index.astype(jnp.int32)
 
     def running(state: _ForwardState) -> Array:
-        return (state.t < t_end) & (state.result == RESULTS.successful)
+        going = (state.t < t_end) & (state.result == RESULTS.successful)
+        return going if event is None else going & ~state.event_hit
 
     def body(state: _ForwardState) -> _ForwardState:
         attempt = attempt_step(
@@ -550,6 +567,28 @@ def integrate(
             estimate_stiffness=track_stiffness,
             carry=state.carry,
         )
+        hit = None
+        if event is not None:
+            # A step across which a condition changes sign is not taken: the
+            # loop stops before it, and `_event.locate` finds the crossing.
+            g_new = event_values(attempt.t_new, attempt.y1)
+            fired = attempt.accept & crossed(state.event_g, g_new, event.directions)
+            hit = jnp.any(fired)
+            attempt = attempt._replace(accept=attempt.accept & ~hit)
+            state = state._replace(
+                event_g=jnp.where(attempt.accept, g_new, state.event_g),
+                event_fired=fired,
+                event_hit=hit,
+                event_h=jnp.where(hit, attempt.h, state.event_h),
+            )
+            if attempt.carry is not None:
+                attempt = attempt._replace(
+                    carry=jax.tree.map(
+                        lambda old, new: jnp.where(hit, old, new),
+                        state.carry,
+                        attempt.carry,
+                    )
+                )
         slots, slot_times, out_steps, out_index = write_slot(state, attempt)
         accept = attempt.accept
         t = jnp.where(accept, attempt.t_new, state.t)
@@ -591,7 +630,13 @@ def integrate(
             out_steps=out_steps,
             num_steps=num_steps,
             num_accepted=state.num_accepted + accept.astype(jnp.int32),
-            result=failure_code(config, attempt, t, t_end, num_steps),
+            result=(
+                failure_code(config, attempt, t, t_end, num_steps)
+                if hit is None
+                else jnp.where(
+                    hit, 0, failure_code(config, attempt, t, t_end, num_steps)
+                ).astype(jnp.int32)
+            ),
             stiffness=attempt.stiffness if track_stiffness else state.stiffness,
             cost=(
                 None
@@ -652,6 +697,14 @@ def integrate(
         window=tau_out,
         base=zero,
     )
+    if event is not None:
+        g0 = event_values(t0, y0)
+        init = init._replace(
+            event_g=g0,
+            event_fired=jnp.zeros(g0.shape, bool),
+            event_hit=jnp.zeros((), bool),
+            event_h=jnp.zeros((), t0.dtype),
+        )
     if thinning:
         final = thinning_loop(running, body, init, n_record)
         buffers = (final.slots, final.slot_times, final.out_steps)
@@ -661,6 +714,21 @@ def integrate(
     else:
         final, buffers = chunked_loop(running, body, init, tau_out, chunk)
     ys, output_steps = read_outputs(final, *buffers, tau_out, t0, y0)
+    stop = None
+    if event is not None:
+        # Outputs after the stopping time hold the state there (see `_event`).
+        beyond = jnp.arange(n_out) >= final.out_index
+        frozen = (beyond & final.event_hit)[:, None]
+        ys = tuple(
+            jnp.where(frozen, y, leaf) for leaf, y in zip(ys, final.y, strict=True)
+        )
+        stop = EventStop(
+            final.event_hit,
+            final.event_fired,
+            final.t,
+            final.event_h,
+            final.carry if carry0 is not None else None,
+        )
     if final.cost is None:
         step_fevals = final.num_steps * config.solver.fevals_per_step
         step_jacobians = final.num_steps * config.solver.jacobians_per_step
@@ -678,6 +746,7 @@ def integrate(
         stiffness=_stiffness(config, f, final, diagnose_stiffness),
         output_steps=output_steps,
         growth=_growth(final.y, y0) if diagnose_stiffness else None,
+        event=stop,
     )
     if record_steps:
         record = StepRecord(

@@ -38,17 +38,38 @@ class ODEProblem(eqx.Module):
     # Whether f reads t at all (an autonomous field has no time resolution
     # to respect).
     time_dependent: bool = eqx.field(default=True, static=True)
+    # The event's conditions (`EventCondition`), or None without an event.
+    condition: Any = eqx.field(default=None, static=True)
 
     def f_flat(
         self, tau: Array, state: tuple[Array], params: PyTree, direction: Array
     ) -> tuple[Array]:
         """dy/dτ for the state `(y_flat,)`."""
         (y,) = state
-        field_arrays, args, consts = params
+        field_arrays, args, consts = params[:3]
         t = direction * tau
         out = self.field(field_arrays, consts)(t, self.unravel(y), args)
         flat = self.ravel(out)
         return ((direction * flat).astype(y.dtype),)
+
+
+class EventCondition(eqx.Module):
+    """An event's conditions on flat states: `values(τ, (y_flat,), params,
+    direction) -> (k,)`, reading the user's `args` (params[1]) and the
+    conditions' own arrays (params[3])."""
+
+    conditions: Callable = eqx.field(static=True)
+    unravel: Callable = eqx.field(static=True)
+    directions: tuple[int, ...] = eqx.field(static=True)
+
+    def values(
+        self, tau: Array, state: tuple[Array], params: PyTree, direction: Array
+    ) -> Array:
+        (y,) = state
+        args = params[1]
+        cond_arrays, cond_consts = params[3]
+        t = direction * tau
+        return self.conditions(cond_arrays, cond_consts)(t, self.unravel(y), args)
 
 
 def _describe(tree: PyTree) -> str:
@@ -237,9 +258,12 @@ def _split_field(f: Callable) -> tuple[PyTree, Callable]:
 
 
 def make_problem(
-    f: Callable, y0: PyTree, t0: Array, args: PyTree
+    f: Callable, y0: PyTree, t0: Array, args: PyTree, event: Any = None
 ) -> tuple[ODEProblem, PyTree, Array]:
     """Check the field's output against y0 and flatten everything.
+
+    With an `Event`, its conditions are checked to return real scalars and
+    flattened like f: their arrays and closed-over tracers become params[3].
 
     **Returns:** `(problem, params, y0_flat)`.
     """
@@ -294,11 +318,57 @@ def make_problem(
     def field(field_arrays, consts):
         return lambda t, y, args: converted(field_arrays, t, y, args, *consts)
 
+    params = (field_arrays, args_arrays, list(consts))
+    condition = None
+    if event is not None:
+        condition, cond_params = _flat_condition(
+            event, t0, y0, args_arrays, args_static, unravel
+        )
+        params = (*params, cond_params)
     problem = ODEProblem(
-        field=field, ravel=ravel, unravel=unravel, time_dependent=time_dependent
+        field=field,
+        ravel=ravel,
+        unravel=unravel,
+        time_dependent=time_dependent,
+        condition=condition,
     )
-    params = jax.tree.map(_as_array, (field_arrays, args_arrays, list(consts)))
-    return problem, params, y0_flat
+    return problem, jax.tree.map(_as_array, params), y0_flat
+
+
+def _flat_condition(event, t0, y0, args_arrays, args_static, unravel):
+    """The event's conditions as one function of (cond_arrays, consts) returning
+    the (k,) vector of their values, after checking each returns a real scalar."""
+    conditions = event.conditions
+    split = [_split_field(c) for c in conditions]
+    cond_arrays = [arrays for arrays, _ in split]
+
+    def call(cond_arrays, t, y, args_arrays):
+        args = eqx.combine(args_arrays, args_static)
+        values = []
+        for i, (_, rebuild) in enumerate(split):
+            value = rebuild(cond_arrays[i])(t, y, args)
+            shape, dtype = jnp.shape(value), jnp.result_type(value)
+            if shape not in ((), (1,)) or not jnp.issubdtype(dtype, jnp.floating):
+                raise TypeError(
+                    f"neuralode: Event condition {i} must return a real floating "
+                    f"scalar, got {dtype.name}{list(shape)}"
+                )
+            values.append(jnp.reshape(value, ()))
+        return jnp.stack(values)
+
+    try:
+        jax.eval_shape(call, cond_arrays, t0, y0, args_arrays)
+    except TypeError as e:
+        if "neuralode:" in str(e):
+            raise
+        raise TypeError(f"neuralode: calling cond(t, y, args) failed: {e}") from e
+    converted, consts = jax.closure_convert(call, cond_arrays, t0, y0, args_arrays)
+
+    def values(cond_arrays, consts):
+        return lambda t, y, args: converted(cond_arrays, t, y, args, *consts)
+
+    directions = event.directions
+    return EventCondition(values, unravel, directions), (cond_arrays, list(consts))
 
 
 def _rejects_three_arguments(f: Callable) -> bool:

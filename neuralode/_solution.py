@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import equinox as eqx
-from jaxtyping import Array, Int, PyTree, Real
+from jaxtyping import Array, Bool, Int, PyTree, Real
 
 
 class _Results:
@@ -55,12 +55,20 @@ class Solution(eqx.Module):
       `num_rejected`, `num_fevals` (vector-field evaluations of the forward
       solve), `num_jacobians` (evaluations of ∂f/∂y: implicit methods only).
     - `result`: 0 on success, else a code of `neuralode.RESULTS`.
+    - With `event=`: `event_time` (the event's time, `ts[-1]` if none
+      happened), `event_state` (the state then, a pytree like `y0`),
+      `event_happened` (a boolean) and `event_index` (which condition fired
+      first; 0 if none). All four are None for a solve without an event.
     """
 
     ts: Real[Array, " times"]
     ys: PyTree[Array]
     stats: dict[str, Int[Array, ""]]
     result: Int[Array, ""]
+    event_time: Real[Array, ""] | None = None
+    event_state: PyTree[Array] | None = None
+    event_happened: Bool[Array, ""] | None = None
+    event_index: Int[Array, ""] | None = None
 
     @property
     def successful(self) -> Any:

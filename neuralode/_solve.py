@@ -11,7 +11,9 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, PyTree
 
 from ._adjoint import AbstractAdjoint, BacksolveAdjoint
+from ._adjoint_common import direction_and_tau
 from ._controller import AbstractController, ConstantStepSize, PIController
+from ._event import Event, locate
 from ._failure import nan_tangents_unless, raise_if_failed, tie
 from ._integrate import LoopStats, SolverConfig
 from ._problem import (
@@ -40,6 +42,7 @@ def solve(
     adjoint: AbstractAdjoint = BacksolveAdjoint(),
     controller: PIController | ConstantStepSize = PIController(),
     throw: bool = True,
+    event: Event | None = None,
 ) -> Solution:
     """Solve dy/dt = f(t, y, args) from ts[0] and return y at every time of ts.
 
@@ -67,16 +70,30 @@ def solve(
       (every step `dt0`, even for an embedded pair).
     - `throw`: raise on failure (at run time, under `jit` too); with `False` the
       failure is returned in `Solution.result`.
+    - `event`: an `Event`: stop at the first time one of its conditions
+      crosses zero (see `Event`). The solve takes no step after the event;
+      `ys` at output times up to the event time are the solution there, and
+      NaN at output times after it. `stats` count the step across the event
+      as accepted, and the evaluations of its recomputation.
 
     **Returns:** a `Solution` with `ts`, `ys` (leading axis `len(ts)`), `stats` and
-    `result`.
+    `result`, and with an event `event_time` (`ts[-1]` if none happened),
+    `event_state`, `event_happened` and `event_index` (which condition fired).
     """
     config, problem, params, y0_flat, ts = _prepare(
-        f, y0, ts, args, solver, rtol, atol, dt0, max_steps, adjoint, controller, throw
-    )
+        f, y0, ts, args, solver, rtol, atol, dt0, max_steps, adjoint, controller,
+        throw, event,
+    )  # fmt: skip
     ts_given = ts
     ts, ts_ok = _runtime_checked_times(ts)
     (ys_flat,), stats = _loop(adjoint, config, problem, params, y0_flat, ts)
+    located = None
+    if event is not None:
+        direction, tau = direction_and_tau(ts)
+        located = locate(
+            config, problem, params, direction, tau, (ys_flat,), stats.event
+        )
+        (ys_flat,) = located.ys
     if ts_ok is not None:
         # Bad traced ts: NaN outputs (and gradients) and their own code.
         stats = stats._replace(
@@ -98,7 +115,27 @@ def solve(
         )
         ys_flat = tie(ys_flat, token)
     ys = jax.vmap(problem.unravel)(ys_flat)
-    return Solution(ts=ts_given, ys=ys, stats=_stats_dict(stats), result=stats.result)
+    if located is None:
+        return Solution(
+            ts=ts_given, ys=ys, stats=_stats_dict(stats), result=stats.result
+        )
+    hit = stats.event.hit
+    counts = _stats_dict(stats)
+    counts["num_steps"] = counts["num_steps"]
+    counts["num_accepted"] = counts["num_accepted"] + hit.astype(jnp.int32)
+    counts["num_rejected"] = counts["num_steps"] - counts["num_accepted"]
+    counts["num_fevals"] = counts["num_fevals"] + located.fevals
+    (y_event,) = located.y
+    return Solution(
+        ts=ts_given,
+        ys=ys,
+        stats=counts,
+        result=stats.result,
+        event_time=(direction * located.tau).astype(ts_given.dtype),
+        event_state=problem.unravel(y_event),
+        event_happened=hit,
+        event_index=located.index,
+    )
 
 
 _NO_JVP = "can't apply forward-mode autodiff (jvp) to a custom_vjp function"
@@ -155,8 +192,9 @@ def _stats_dict(stats: LoopStats) -> dict[str, Array]:
 
 
 def _prepare(
-    f, y0, ts, args, solver, rtol, atol, dt0, max_steps, adjoint, controller, throw
-):
+    f, y0, ts, args, solver, rtol, atol, dt0, max_steps, adjoint, controller, throw,
+    event=None,
+):  # fmt: skip
     """Check every input at trace time and flatten the problem."""
     ts = check_ts(ts)
     rtol, atol = check_tolerances(rtol, atol)
@@ -172,7 +210,18 @@ def _prepare(
             "neuralode: adjoint must be BacksolveAdjoint(), CheckpointAdjoint() or "
             f"ForwardMode(), got {adjoint!r}"
         )
-    problem, params, y0_flat = make_problem(f, y0, ts[0], args)
+    if event is not None:
+        if not isinstance(event, Event):
+            raise TypeError(
+                "neuralode: event must be neuralode.Event(cond, direction=...), got "
+                f"{event!r}"
+            )
+        if not adjoint.supports_events:
+            raise TypeError(
+                f"neuralode: {type(adjoint).__name__} does not support events; use "
+                "BacksolveAdjoint(), CheckpointAdjoint() or ForwardMode() with event="
+            )
+    problem, params, y0_flat = make_problem(f, y0, ts[0], args, event)
     if solver.adaptive and controller.adaptive:
         check_precision(rtol, jnp.result_type(y0_flat))
     time_dtype = jnp.result_type(ts.dtype, jnp.real(y0_flat).dtype)
