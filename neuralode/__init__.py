@@ -18,6 +18,7 @@ from ._controller import (
     StepOutcome as StepOutcome,
 )
 from ._esdirk import Kvaerno5 as Kvaerno5
+from ._event import Event as Event
 from ._failure import (
     SolveError as SolveError,
     reraise_failures as reraise_failures,
