@@ -25,6 +25,7 @@ from ._failure import (
 )
 from ._interpolating_adjoint import InterpolatingAdjoint as InterpolatingAdjoint
 from ._neural_ode import NeuralODE as NeuralODE
+from ._reversible_adjoint import ReversibleAdjoint as ReversibleAdjoint
 from ._rosenbrock import Rodas5P as Rodas5P
 from ._solution import RESULTS as RESULTS, Solution as Solution
 from ._solve import (

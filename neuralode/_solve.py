@@ -65,7 +65,7 @@ def solve(
       algorithm). Fixed-step solvers use it for every step.
     - `max_steps`: the most steps (accepted and rejected) before failing.
     - `adjoint`: how reverse-mode derivatives are computed (`BacksolveAdjoint`,
-      `CheckpointAdjoint` or `ForwardMode`).
+      `CheckpointAdjoint`, `ReversibleAdjoint` or `ForwardMode`).
     - `controller`: `PIController()` (adaptive steps) or `ConstantStepSize()`
       (every step `dt0`, even for an embedded pair).
     - `throw`: raise on failure (at run time, under `jit` too); with `False` the
@@ -207,8 +207,8 @@ def _prepare(
     dt0 = check_steps(solver, dt0, max_steps, controller.adaptive)
     if not isinstance(adjoint, AbstractAdjoint):
         raise TypeError(
-            "neuralode: adjoint must be BacksolveAdjoint(), CheckpointAdjoint() or "
-            f"ForwardMode(), got {adjoint!r}"
+            "neuralode: adjoint must be BacksolveAdjoint(), CheckpointAdjoint(), "
+            f"ReversibleAdjoint() or ForwardMode(), got {adjoint!r}"
         )
     if event is not None:
         if not isinstance(event, Event):
