@@ -1,6 +1,5 @@
 """`InterpolatingAdjoint`: the continuous adjoint with the state read from the
-forward solve's dense output, the parameter gradient by Gauss–Legendre
-quadrature.
+forward solve's dense output instead of being integrated backwards.
 
 With τ the loop's increasing time, f(τ, z, θ) the field and outputs z(τ_i)
 with cotangents ȳ_i, the adjoint a(τ) = ∂L/∂z(τ) solves, backwards from τ_N,
@@ -10,34 +9,35 @@ with cotangents ȳ_i, the adjoint a(τ) = ∂L/∂z(τ) solves, backwards from �
 and ∂L/∂θ = ∫_{τ_0}^{τ_N} aᵀ ∂f/∂θ(τ, z(τ), θ) dτ, ∂L/∂z_0 = a(τ_0).
 
 `BacksolveAdjoint` integrates z backwards alongside a, which is unstable where
-the forward flow contracts (a decay becomes growth) and impossible on stiff
+the forward flow contracts (a decay becomes growth) and fails on stiff
 problems. Here z(τ) is the forward solve's own dense output: the forward pass
-keeps the start states of its accepted steps (`StepRecord`, thinned to a
+keeps the start states of its accepted steps (a `StepRecord`, thinned to a
 bounded number of slots as in `CheckpointAdjoint`), and the backward pass
 recomputes them window by window (at most `window` steps at a time), keeping
-each recomputed step's start state and interpolation coefficients. Between
-window boundaries and output times the backward solve carries a alone: its
-error control sees a and nothing else, and an implicit method's linear algebra
-has only a's unknowns. For a stable forward problem a is stable backwards, so
-a stiff forward problem gives a stiff but stable adjoint problem, solved with
-the same (implicit) method.
+each recomputed step's start state and interpolation coefficients. The
+backward solve runs from one stop to the next (window boundaries and output
+times) on the state (a, g), g the parameter integral, with the error norm
+over a alone (a seminorm: g never feeds back, Kidger, Chen & Lyons 2021).
+For a stable forward problem a is stable backwards, so a stiff forward
+problem gives a stiff but stable adjoint problem, solved with the same
+(implicit) method.
 
-The parameter integral is a composite Gauss–Legendre rule on the forward
-steps: on each forward step the interpolated z is a polynomial, so the
-integrand is smooth there (its derivatives jump only at step boundaries); n
-nodes per step are exact for degree 2n-1. The values of a at the nodes are the
-backward solve's dense output (outputs cost no extra steps), and the integrand
-of all the nodes of a window is one batched VJP of f. This is the "Gauss
-adjoint" of SciMLSensitivity (Rackauckas et al.; `GaussAdjoint`, which
-integrates the quadrature per backward step through a callback); here the
-nodes sit on the forward steps so that the whole window's quadrature is one
-batched evaluation.
+The parameter integral rides in the backward state rather than coming from a
+separate quadrature (the "Gauss adjoint" of SciMLSensitivity integrates it by
+Gauss–Legendre rules on the backward steps). Measured on the benchmark's
+contracting flow, a composite Gauss–Legendre rule on the forward steps (a at
+the nodes from the backward dense output, one batched VJP per window) was
+both slower and less accurate than carrying g: where the forward solve takes
+long steps (at an equilibrium) a still varies on its own time scale, which
+only the backward steps resolve.
 
-References: Pontryagin et al. (1962); Chen, Rubanova, Bettencourt & Duvenaud
-(2018), "Neural ordinary differential equations"; Kim, Ji, Deng, Ma &
-Rackauckas (2021), "Stiff neural ordinary differential equations" (the
-interpolating adjoint, and why the backsolve fails on stiff problems);
-SciMLSensitivity.jl, `InterpolatingAdjoint` and `GaussAdjoint` (PR #861).
+References: Pontryagin et al. (1962), "The mathematical theory of optimal
+processes"; Chen, Rubanova, Bettencourt & Duvenaud (2018), "Neural ordinary
+differential equations"; Kim, Ji, Deng, Ma & Rackauckas (2021), "Stiff neural
+ordinary differential equations" (the interpolating adjoint on stiff
+problems); Kidger, Chen & Lyons (2021), "'Hey, that's not an ODE': faster ODE
+adjoints via seminorms"; SciMLSensitivity.jl's `InterpolatingAdjoint` and
+`GaussAdjoint` (PR #861).
 """
 
 from __future__ import annotations
@@ -80,8 +80,8 @@ _PHASE = "reverse-time adjoint solve of InterpolatingAdjoint"
 
 class _Window(NamedTuple):
     """Steps [k0, k0 + count) of the forward solve, recomputed: step i starts
-    at `times[i]` (measured from τ_0; inf past the last valid end) from
-    `ys[·][i]` with interpolation coefficients `coeffs[·][i]`."""
+    at `times[i]` (measured from τ_0; inf past the window's last step end)
+    from `ys[·][i]`, with interpolation coefficients `coeffs[·][i]`."""
 
     ys: State
     coeffs: State
@@ -101,53 +101,51 @@ class _Recompute(NamedTuple):
 
 
 class _Backward(NamedTuple):
-    """The carry of the backward pass, one iteration per stop (a window
-    boundary, an output time or `window` forward steps)."""
+    """The carry of the backward pass: one iteration per stop (a window
+    boundary or an output time)."""
 
-    top: Array  # where a is, measured from τ_0
-    step: Array  # the first forward step not below `top`'s window
-    output: Array  # the next output below `top` (or at it, if not yet added)
-    a: State
-    g: PyTree  # the parameter integral so far
-    h: Array  # the last backward step size
+    top: Array  # where the adjoint is, measured from τ_0
+    step: Array  # the forward steps below `top` are steps 0 … step - 1
+    output: Array  # the next output to reach (-1: all reached)
+    a: State  # the adjoint at `top`, the cotangents of outputs reached added
+    g: State  # the parameter integral so far, one vector per parameter leaf
+    h: Array  # the last backward step size, the next solve's first
     window: _Window
-    loaded: Array  # the first step of the recomputed window (-1: none)
-    stats: LoopStats
+    loaded: Array  # the first step of the window in `window` (-1: none yet)
+    stats: LoopStats  # the adjoint solves' counts, and their first failure
     recomputed: Array  # f evaluations spent recomputing forward steps
 
 
-def _gauss_legendre(n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Nodes (descending) and weights of the n-point Gauss–Legendre rule on [0, 1]."""
-    x, w = np.polynomial.legendre.leggauss(n)
-    return ((1 + x) / 2)[::-1], (w / 2)[::-1]
-
-
 class InterpolatingAdjoint(AbstractAdjoint):
-    """The continuous adjoint with z(t) from the forward dense output and the
-    parameter gradient by Gauss–Legendre quadrature (module doc).
+    """The continuous adjoint with z(t) from the forward solve's dense output.
 
-    The backward pass solves only for the adjoint, da/dt = -aᵀ∂f/∂z(t, z(t)),
-    with z(t) read off the recomputed forward steps' interpolants, from the
-    last output time to the first, adding each output's cotangent to a as it
-    passes it; dL/dθ = ∫ aᵀ∂f/∂θ dt comes from n Gauss–Legendre nodes on every
-    forward step. Unlike `BacksolveAdjoint` nothing is integrated backwards
-    that the forward flow contracts, so it works on contracting, chaotic and
-    stiff problems: with an implicit solver (`Kvaerno5`, `Rodas5P`,
-    `AutoSwitch`) the adjoint solve uses that method too. Unlike
-    `CheckpointAdjoint` the gradient is that of the continuous problem, exact
-    to the backward tolerances, not the discrete solve's derivative.
+    The backward pass solves, from the last output time to the first,
 
-    Memory is bounded: `checkpoints` step start states (thinned as in
-    `CheckpointAdjoint` when the solve is longer), plus one window of
-    `window` recomputed steps (its states and interpolation coefficients, and
-    the adjoint's values at `window`·`nodes` points). Every forward step is
-    recomputed once (about the forward solve's evaluations again, in
-    `backward_stats`' `num_recomputed_fevals`).
+        da/dt = -aᵀ∂f/∂z(t, z(t)),   dg/dt = -aᵀ∂f/∂θ(t, z(t)),
+
+    (g → ∂L/∂θ) with z(t) read off the interpolants of the forward steps,
+    which it recomputes window by window from stored start states, and adds
+    each output's cotangent to a as it passes it. Only a counts in the
+    backward error norm. Unlike `BacksolveAdjoint` it never integrates z
+    backwards, so it works where the forward flow contracts, and on stiff
+    problems: with an implicit solver (`Kvaerno5`, `Rodas5P`, `AutoSwitch`)
+    the adjoint solve uses that method too. Unlike `CheckpointAdjoint` its
+    gradient is that of the continuous problem to the backward tolerances,
+    not the exact derivative of the discrete solve. Gradients flow to `y0`,
+    `args`, the parameters of `f` and `ts`.
+
+    Memory does not grow with the number of steps: `checkpoints` step start
+    states (thinned to every 2nd, 4th, … step when the solve is longer, as in
+    `CheckpointAdjoint`), plus one window of recomputed steps (their start
+    states and interpolation coefficients). Every forward step is recomputed
+    once: the backward pass costs the forward solve's evaluations again
+    (`no.backward_stats` reports them apart as `num_recomputed_fevals`) plus
+    the adjoint solve's, each a VJP of f.
 
     A `custom_vjp` blocks forward-mode differentiation: use `ForwardMode()` for
     `jax.jvp`/`jax.jacfwd`. Gradients of gradients are not available (the
-    backward pass is not itself differentiable; it says so when asked): use
-    `CheckpointAdjoint` or `BacksolveAdjoint` for those.
+    backward pass is not differentiable; asking raises `NotImplementedError`):
+    use `CheckpointAdjoint` or `BacksolveAdjoint` for those.
 
     **Arguments:**
 
@@ -155,22 +153,19 @@ class InterpolatingAdjoint(AbstractAdjoint):
     - `checkpoints`: how many forward step start states are kept, at least 2
       (default 256); None keeps all of them.
     - `window`: how many forward steps are recomputed and held at a time
-      (default 32, raised to the largest stride the thinned record reaches).
-      The adjoint solve stops at every window boundary (one extra evaluation
-      and a shortened step each).
-    - `nodes`: Gauss–Legendre nodes per forward step (default 3: exact for
-      polynomials of degree 5, the order of the default solver).
+      (default 32; at least the stride the thinned record reaches). The
+      adjoint solve stops at every window boundary, which costs an evaluation
+      and a shortened step.
 
-    References: Chen et al. (2018); Kim et al. (2021), "Stiff neural ordinary
-    differential equations"; SciMLSensitivity.jl's `InterpolatingAdjoint` and
-    `GaussAdjoint` (PR #861).
+    References: Chen, Rubanova, Bettencourt & Duvenaud (2018); Kim, Ji, Deng,
+    Ma & Rackauckas (2021), "Stiff neural ordinary differential equations";
+    Kidger, Chen & Lyons (2021); SciMLSensitivity.jl's `InterpolatingAdjoint`.
     """
 
     rtol: float | None = None
     atol: float | None = None
     checkpoints: int | None = eqx.field(default=256, static=True)
     window: int = eqx.field(default=32, static=True)
-    nodes: int = eqx.field(default=3, static=True)
 
     def __check_init__(self):
         name = "InterpolatingAdjoint"
@@ -184,7 +179,7 @@ class InterpolatingAdjoint(AbstractAdjoint):
                 raise ValueError(f"{name}: {key} must be >= 0, got {value}")
         if self.rtol == 0 and self.atol == 0:
             raise ValueError(f"{name}: rtol and atol cannot both be zero")
-        for key, least in (("checkpoints", 2), ("window", 1), ("nodes", 1)):
+        for key, least in (("checkpoints", 2), ("window", 1)):
             value = getattr(self, key)
             if key == "checkpoints" and value is None:
                 continue
@@ -194,6 +189,8 @@ class InterpolatingAdjoint(AbstractAdjoint):
                 raise ValueError(f"{name}: {key} must be at least {least}, got {value}")
 
     def _backward_config(self, config: SolverConfig, m: int) -> SolverConfig:
+        """The adjoint solve's configuration: the forward method and controller,
+        this adjoint's tolerances, the norm over the m leaves of a only."""
         rtol = config.rtol if self.rtol is None else float(self.rtol)
         atol = config.atol if self.atol is None else float(self.atol)
         if rtol == 0 and atol == 0:
@@ -270,42 +267,41 @@ class InterpolatingAdjoint(AbstractAdjoint):
         ys_bar: State,
         h_forward: Array | None = None,
     ) -> tuple[tuple[PyTree, State, Array], LoopStats, Array]:
-        """Solve the adjoint backwards from τ_N to τ_0 (class doc).
+        """Solve the adjoint system from τ_N back to τ_0 (class doc).
 
         `ys` are the forward outputs at `tau`, `record` the forward steps,
         `ys_bar` the outputs' cotangents and `h_forward` the forward solve's
         last step size (the adjoint solve's first, capped by Hairer's bound).
 
-        **Returns:** `((params_bar, y0_bar, tau_bar), stats, recomputed)`, with
-        `stats` the adjoint solves' (summed) and `recomputed` the f evaluations
-        spent recomputing forward steps.
+        **Returns:** `((params_bar, y0_bar, tau_bar), stats, recomputed)`:
+        `params_bar` for the inexact array leaves of `params` (None
+        elsewhere), `stats` of the adjoint solves (summed), and `recomputed`
+        the f evaluations spent recomputing forward steps.
         """
         diff, fixed = eqx.partition(params, eqx.is_inexact_array)
+        theta, theta_def = jax.tree.flatten(diff)
         m = len(ys)
         solver = config.solver
         width = self._window_steps(config)
         bconfig = self._backward_config(config, m)
         origin = lax.stop_gradient(tau[0])
         since = lax.stop_gradient(tau - tau[0])  # output times from τ_0
-        n_out = tau.shape[0]
         count, stride = record.count, record.stride
         # Windows start at kept states: `span` steps, a multiple of the stride.
         span = jnp.maximum(width // stride, 1) * stride
+        valid = jnp.arange(record.times.shape[0]) <= count
         times = jnp.concatenate(
             [
-                jnp.where(
-                    jnp.arange(record.times.shape[0]) <= count,
-                    lax.stop_gradient(record.times),
-                    jnp.inf,
-                ),
+                jnp.where(valid, lax.stop_gradient(record.times), jnp.inf),
                 jnp.full(width + 1, jnp.inf, record.times.dtype),
             ]
         )
-        x_nodes, w_nodes = _gauss_legendre(self.nodes)
         real = jnp.real(ys[0]).dtype
+        g_zero = tuple(jnp.zeros(leaf.size, leaf.dtype) for leaf in theta)
 
-        def field(s, z, p):
-            return problem.f_flat(origin + s, z, eqx.combine(p, fixed), direction)
+        def field(s, z, theta):
+            p = eqx.combine(jax.tree.unflatten(theta_def, theta), fixed)
+            return problem.f_flat(origin + s, z, p, direction)
 
         def recompute(k0: Array) -> tuple[_Window, Array]:
             """Steps k0, k0 + 1, … of the forward solve, from the kept state."""
@@ -314,9 +310,8 @@ class InterpolatingAdjoint(AbstractAdjoint):
             local_times = jnp.where(
                 jnp.arange(width + 1) <= length, local_times, jnp.inf
             )
-            f = lambda s, z: field(s, z, diff)
+            f = lambda s, z: field(s, z, theta)
             y = tuple(leaf[k0 // stride] for leaf in record.y_starts)
-            f0 = f(local_times[0], y)
 
             def body(carry: _Recompute) -> _Recompute:
                 i, y, f0, ys_w, coeffs_w, fevals = carry
@@ -329,23 +324,20 @@ class InterpolatingAdjoint(AbstractAdjoint):
                     tolerances=tolerances(config), **carried,
                 )  # fmt: skip
                 put = lambda b, v: lax.dynamic_update_index_in_dim(b, v, i, 0)
-                if step.cost is None:
-                    fevals = fevals + solver.fevals_per_step
-                else:
-                    fevals = fevals + step.cost[0]
+                cost = solver.fevals_per_step if step.cost is None else step.cost[0]
                 return _Recompute(
                     i + 1,
                     step.y1,
                     step.f1,
                     tuple(map(put, ys_w, y)),
                     tuple(map(put, coeffs_w, step.dense)),
-                    fevals.astype(jnp.int32),
+                    (fevals + cost).astype(jnp.int32),
                 )
 
             init = _Recompute(
                 jnp.zeros((), jnp.int32),
                 y,
-                f0,
+                f(local_times[0], y),
                 tuple(jnp.zeros((width,) + leaf.shape, leaf.dtype) for leaf in y),
                 tuple(
                     jnp.zeros((width, solver.dense_degree) + leaf.shape, leaf.dtype)
@@ -356,46 +348,36 @@ class InterpolatingAdjoint(AbstractAdjoint):
             done = lax.while_loop(lambda c: c.i < length, body, init)
             return _Window(done.ys, done.coeffs, local_times, length), done.fevals
 
-        def state_at(window: _Window, s: Array, i: Array) -> State:
-            """z at time s in step i of the window (θ clipped to [0, 1])."""
-            t = window.times[i]
-            h = window.times[i + 1] - t
-            theta = jnp.clip((s - t) / jnp.where(h > 0, h, 1), 0, 1).astype(real)
-            return tuple(
-                interp.evaluate(y[i], c[i], theta)
-                for y, c in zip(window.ys, window.coeffs, strict=True)
-            )
-
         def adjoint_field(window: _Window):
-            """da/dσ = aᵀ∂f/∂z at τ = -σ (σ: the backward solve's time)."""
+            """d(a, g)/dσ = (aᵀ∂f/∂z, aᵀ∂f/∂θ) at τ = -σ, σ the adjoint
+            solve's time (from -τ_N up to -τ_0)."""
 
-            def f(sigma, a):
+            def f(sigma, state):
                 s = -sigma
-                i = jnp.searchsorted(window.times, s, side="right") - 1
-                i = jnp.clip(i, 0, window.count - 1)
-                z = state_at(window, s, i)
-                _, vjp = jax.vjp(lambda z: field(s, z, diff), z)
-                return vjp(a)[0]
+                a = state[:m]
+                i = jnp.searchsorted(
+                    window.times, s, side="right", method="compare_all"
+                )
+                i = jnp.clip(i - 1, 0, window.count - 1)
+                t = window.times[i]
+                h = window.times[i + 1] - t
+                x = jnp.clip((s - t) / jnp.where(h > 0, h, 1), 0, 1).astype(real)
+                z = tuple(
+                    interp.evaluate(y[i], c[i], x)
+                    for y, c in zip(window.ys, window.coeffs, strict=True)
+                )
+                _, vjp = jax.vjp(lambda z, theta: field(s, z, theta), z, theta)
+                a_dz, a_dtheta = vjp(a)
+                # One vector per parameter leaf (see `AdjointProblem`).
+                flat = zip(a_dtheta, g_zero, strict=True)
+                return (*a_dz, *(x.reshape(-1).astype(g.dtype) for x, g in flat))
 
             return f
 
-        def quadrature(window: _Window, top, target, a_nodes, s_nodes, weights):
-            """∫ aᵀ∂f/∂θ over [target, top]: one VJP over all the nodes."""
-            i = jnp.repeat(jnp.arange(width)[::-1], self.nodes)
-            i = jnp.minimum(i, window.count - 1)
-            z = jax.vmap(lambda s, i: state_at(window, s, i))(s_nodes, i)
-            batched = jax.vmap(field, in_axes=(0, 0, None))
-            _, vjp = jax.vjp(lambda p: batched(s_nodes, z, p), diff)
-            cot = tuple(
-                jnp.where(weights[:, None] > 0, a * weights[:, None].astype(a.dtype), 0)
-                for a in a_nodes
-            )
-            return vjp(cot)[0]
-
         def piece(carry: _Backward) -> _Backward:
-            # The window holding the steps just below `top`.
-            k_top = carry.step
-            k0 = ((k_top - 1) // span) * span
+            """From `top` down to the next stop: the window's first step or
+            the next output time, whichever is later."""
+            k0 = ((carry.step - 1) // span) * span
             window, fevals = lax.cond(
                 k0 == carry.loaded,
                 lambda: (carry.window, jnp.zeros((), jnp.int32)),
@@ -404,43 +386,31 @@ class InterpolatingAdjoint(AbstractAdjoint):
             bottom = window.times[0]
             output_time = since[jnp.maximum(carry.output, 0)]
             target = jnp.maximum(bottom, output_time)
-            top = carry.top
-            # Gauss–Legendre nodes on each step's part in [target, top], with
-            # τ decreasing (the adjoint solve's time σ = -τ increasing).
-            lo = jnp.clip(window.times[:-1], target, top)[::-1]
-            hi = jnp.clip(window.times[1:], target, top)[::-1]
-            length = (hi - lo)[:, None]
-            s_nodes = (lo[:, None] + jnp.asarray(x_nodes, lo.dtype) * length).ravel()
-            weights = (jnp.asarray(w_nodes, real) * length.astype(real)).ravel()
-            sigma = jnp.concatenate([-top[None], -s_nodes, -target[None]])
             out, st = integrate(
                 bconfig,
                 adjoint_field(window),
-                carry.a,
-                sigma,
+                (*carry.a, *g_zero),
+                jnp.stack([-carry.top, -target]),
                 carry.h,
-                LoopOptions(diagnose_stiffness=False, dense_output=True),
+                LoopOptions(diagnose_stiffness=False),
             )[:2]
-            a_nodes = tuple(leaf[1:-1] for leaf in out)
-            a = tuple(leaf[-1] for leaf in out)
-            g_piece = quadrature(window, top, target, a_nodes, s_nodes, weights)
-            g = jax.tree.map(jnp.add, carry.g, g_piece)
+            end = tuple(leaf[-1] for leaf in out)
             reached = (target == output_time) & (carry.output >= 0)
             bar = tuple(b[jnp.maximum(carry.output, 0)] for b in ys_bar)
-            a = tuple(jnp.where(reached, x + b, x) for x, b in zip(a, bar, strict=True))
-            step = jnp.where(target == bottom, k0, k_top)
-            stats = _add_stats(carry.stats, st, origin)
+            a = tuple(
+                jnp.where(reached, x + b, x) for x, b in zip(end[:m], bar, strict=True)
+            )
             h = jnp.where(st.num_accepted > 0, jnp.abs(st.h_last), carry.h)
             return _Backward(
                 top=target,
-                step=step.astype(jnp.int32),
+                step=jnp.where(target == bottom, k0, carry.step).astype(jnp.int32),
                 output=(carry.output - reached).astype(jnp.int32),
                 a=a,
-                g=g,
+                g=tuple(map(jnp.add, carry.g, end[m:])),
                 h=lax.stop_gradient(h),
                 window=window,
                 loaded=k0,
-                stats=stats,
+                stats=_add_stats(carry.stats, st, origin),
                 recomputed=carry.recomputed + fevals,
             )
 
@@ -465,9 +435,9 @@ class InterpolatingAdjoint(AbstractAdjoint):
         init = _Backward(
             top=since[-1],
             step=count.astype(jnp.int32),
-            output=jnp.asarray(n_out - 2, jnp.int32),
+            output=jnp.asarray(tau.shape[0] - 2, jnp.int32),
             a=tuple(b[-1] for b in ys_bar),
-            g=jax.tree.map(jnp.zeros_like, diff),
+            g=g_zero,
             h=lax.stop_gradient(jnp.abs(h_first)).astype(tau.dtype),
             window=empty,
             loaded=zero - 1,
@@ -475,11 +445,18 @@ class InterpolatingAdjoint(AbstractAdjoint):
             recomputed=zero,
         )
         final = lax.while_loop(running, piece, init)
-        # The last piece ends at τ_0, the first output's time, and added ȳ_0:
+        # The last stop is τ_0, the first output's time, where ȳ_0 was added:
         # ∂L/∂τ_0 needs the adjoint before it.
         a_before = tuple(x - b[0] for x, b in zip(final.a, ys_bar, strict=True))
         tau_bar = time_cotangents(problem, params, direction, tau, ys, ys_bar, a_before)
-        return (final.g, final.a, tau_bar), final.stats, final.recomputed
+        params_bar = jax.tree.unflatten(
+            theta_def,
+            [
+                x.reshape(leaf.shape).astype(leaf.dtype)
+                for x, leaf in zip(final.g, theta, strict=True)
+            ],
+        )
+        return (params_bar, final.a, tau_bar), final.stats, final.recomputed
 
 
 def _add_stats(total: LoopStats, new: LoopStats, origin: Array) -> LoopStats:
