@@ -255,6 +255,22 @@ class InterpolatingAdjoint(AbstractAdjoint):
         ys, stats, record = integrate(config, f, y0, tau, h0, options)
         return (ys, record), stats
 
+    def backward_pass_stats(
+        self, config, problem, params, direction, tau, y0, cotangent
+    ) -> tuple[LoopStats, Array]:
+        """The forward solve and exactly the backward pass `jax.grad` runs,
+        with the outputs' cotangents `cotangent(ys[0])`, for their counts
+        (see `no.backward_stats`): `(stats, recomputed)` as `backward`'s."""
+        (ys, record), forward = self.forward(
+            config, problem, params, direction, y0, tau
+        )
+        ys_bar = (cotangent(ys[0]),)
+        _, stats, recomputed = self.backward(
+            config, problem, params, direction, tau, ys, record, ys_bar,
+            forward.h_last,
+        )  # fmt: skip
+        return stats, recomputed
+
     def backward(
         self,
         config: SolverConfig,

@@ -16,6 +16,7 @@ from ._controller import AbstractController, ConstantStepSize, PIController
 from ._event import Event, locate
 from ._failure import nan_tangents_unless, raise_if_failed, tie
 from ._integrate import LoopStats, SolverConfig
+from ._interpolating_adjoint import InterpolatingAdjoint
 from ._problem import (
     check_precision,
     check_steps,
@@ -65,7 +66,8 @@ def solve(
       algorithm). Fixed-step solvers use it for every step.
     - `max_steps`: the most steps (accepted and rejected) before failing.
     - `adjoint`: how reverse-mode derivatives are computed (`BacksolveAdjoint`,
-      `CheckpointAdjoint`, `ReversibleAdjoint` or `ForwardMode`).
+      `CheckpointAdjoint`, `ReversibleAdjoint`, `InterpolatingAdjoint` or
+      `ForwardMode`).
     - `controller`: `PIController()` (adaptive steps) or `ConstantStepSize()`
       (every step `dt0`, even for an embedded pair).
     - `throw`: raise on failure (at run time, under `jit` too); with `False` the
@@ -208,7 +210,8 @@ def _prepare(
     if not isinstance(adjoint, AbstractAdjoint):
         raise TypeError(
             "neuralode: adjoint must be BacksolveAdjoint(), CheckpointAdjoint(), "
-            f"ReversibleAdjoint() or ForwardMode(), got {adjoint!r}"
+            "ReversibleAdjoint(), InterpolatingAdjoint() or ForwardMode(), got "
+            f"{adjoint!r}"
         )
     if event is not None:
         if not isinstance(event, Event):
@@ -251,10 +254,11 @@ def backward_stats(
     atol: float = 1e-8,
     dt0: float | None = None,
     max_steps: int = 4096,
-    adjoint: BacksolveAdjoint = BacksolveAdjoint(),
+    adjoint: BacksolveAdjoint | InterpolatingAdjoint = BacksolveAdjoint(),
     controller: PIController | ConstantStepSize = PIController(),
 ) -> dict[str, Array]:
-    """Step and evaluation counts of the backward pass of `BacksolveAdjoint`.
+    """Step and evaluation counts of the backward pass of `BacksolveAdjoint`
+    or `InterpolatingAdjoint`.
 
     Solves forward, takes the cotangent ȳ = ∂loss/∂ys (default loss: Σ ys²/2 of
     every leaf, i.e. ȳ = ys), and runs exactly the backward pass that `jax.grad`
@@ -264,28 +268,41 @@ def backward_stats(
 
     **Returns:** a dict of integer arrays `num_steps`, `num_accepted`,
     `num_rejected`, `num_fevals` (evaluations of the augmented field, each one
-    `jax.vjp` of f) and `result` (0 on success).
+    `jax.vjp` of f) and `result` (0 on success); for `InterpolatingAdjoint`
+    also `num_recomputed_fevals`, the evaluations of f that recomputing the
+    forward steps cost.
     """
-    if not isinstance(adjoint, BacksolveAdjoint):
+    if not isinstance(adjoint, BacksolveAdjoint | InterpolatingAdjoint):
         raise TypeError(
-            "neuralode: backward_stats measures BacksolveAdjoint's backward pass; "
-            f"got adjoint={adjoint!r}"
+            "neuralode: backward_stats measures the backward pass of "
+            f"BacksolveAdjoint or InterpolatingAdjoint; got adjoint={adjoint!r}"
         )
     config, problem, params, y0_flat, ts = _prepare(
         f, y0, ts, args, solver, rtol, atol, dt0, max_steps, adjoint, controller, True
     )
     direction = jnp.sign(ts[-1] - ts[0])
     tau = direction * ts
+
+    def cotangent(ys_flat):
+        if loss is None:
+            return ys_flat
+        ys_tree = jax.vmap(problem.unravel)(ys_flat)
+        return jax.vmap(problem.ravel)(jax.grad(loss)(ys_tree))
+
+    if isinstance(adjoint, InterpolatingAdjoint):
+        stats, recomputed = adjoint.backward_pass_stats(
+            config, problem, params, direction, tau, (y0_flat,), cotangent
+        )
+        return {
+            **_stats_dict(stats),
+            "num_recomputed_fevals": recomputed,
+            "result": stats.result,
+        }
     out_index = adjoint._grid(tau)[1]
     (ys_grid,), forward = adjoint.forward(
         config, problem, params, direction, (y0_flat,), tau
     )
-    ys_flat = ys_grid[out_index]
-    if loss is None:
-        ys_bar = ys_flat
-    else:
-        ys_tree = jax.vmap(problem.unravel)(ys_flat)
-        ys_bar = jax.vmap(problem.ravel)(jax.grad(loss)(ys_tree))
+    ys_bar = cotangent(ys_grid[out_index])
     ys_grid_bar = jnp.zeros_like(ys_grid).at[out_index].add(ys_bar)
     _, stats = adjoint.backward(
         config,
