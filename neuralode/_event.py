@@ -217,7 +217,10 @@ def locate(
 
         def g(i):
             return lambda theta: condition.values(
-                origin + t_n + theta * h, state_at(theta), params, direction
+                origin + t_n + theta.astype(h.dtype) * h,
+                state_at(theta),
+                params,
+                direction,
             )[i].astype(real)
 
         # A few units in the last place of the event time, in units of θ.
@@ -258,7 +261,8 @@ def locate(
             else 1 + step.cost[0],
             jnp.int32,
         )
-        return Located(origin + t_n + theta * h, y_event, index, ys_out, fevals)
+        tau_event = origin + t_n + theta.astype(h.dtype) * h
+        return Located(tau_event, y_event, index, ys_out, fevals)
 
     def none():
         return Located(

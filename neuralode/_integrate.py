@@ -717,7 +717,7 @@ def integrate(
     stop = None
     if event is not None:
         # Outputs after the stopping time hold the state there (see `_event`).
-        beyond = jnp.arange(n_out) >= final.out_index
+        beyond = jnp.arange(n_out, dtype=jnp.int32) >= final.out_index
         frozen = (beyond & final.event_hit)[:, None]
         ys = tuple(
             jnp.where(frozen, y, leaf) for leaf, y in zip(ys, final.y, strict=True)
