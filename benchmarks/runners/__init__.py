@@ -33,7 +33,7 @@ LIBRARY_LABELS: dict[str, str] = {
 }
 
 _GRAD_VARIANTS: dict[str, tuple[str, ...]] = {
-    "neuralode": ("backsolve", "checkpoint"),
+    "neuralode": ("backsolve", "checkpoint", "reversible"),
     "diffrax": ("backsolve", "recursive-checkpoint"),
     "jaxode": ("own-adjoint",),
     "torchdiffeq": ("adjoint",),

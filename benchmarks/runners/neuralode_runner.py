@@ -9,7 +9,11 @@ from ..problems import Problem
 from .common import LOOSE_BACKSOLVE, RunSettings, Skipped
 from .jax_common import run_jax
 
-_ADJOINTS = {"backsolve": "BacksolveAdjoint", "checkpoint": "CheckpointAdjoint"}
+_ADJOINTS = {
+    "backsolve": "BacksolveAdjoint",
+    "checkpoint": "CheckpointAdjoint",
+    "reversible": "ReversibleAdjoint",
+}
 
 
 def _cnf_class(no: Any) -> Any:
