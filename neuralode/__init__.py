@@ -23,6 +23,7 @@ from ._failure import (
     SolveError as SolveError,
     reraise_failures as reraise_failures,
 )
+from ._hybrid import HybridSolution as HybridSolution, solve_hybrid as solve_hybrid
 from ._interpolating_adjoint import InterpolatingAdjoint as InterpolatingAdjoint
 from ._neural_ode import NeuralODE as NeuralODE
 from ._reversible_adjoint import ReversibleAdjoint as ReversibleAdjoint

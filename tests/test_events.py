@@ -337,3 +337,87 @@ def test_bad_events_are_refused_clearly():
 
     with pytest.raises(TypeError, match="NoEvents does not support events"):
         no.solve(ball, jnp.ones(2), TS, GRAVITY, event=FALLS, adjoint=NoEvents())
+
+
+# Hybrid systems: a bouncing ball with restitution e.
+def bounce(t, y, args):
+    return jnp.stack([jnp.zeros_like(y[0]), -args[1] * y[1]])
+
+
+def falling_ball(t, y, args):
+    return jnp.stack([y[1], -args[0]])
+
+
+def bouncing_heights(ts, h0, g, e):
+    """Closed form: fall from rest at h0, bounces reflect the speed times e."""
+    landing = np.sqrt(2 * h0 / g)
+    out = []
+    for t in np.asarray(ts):
+        if t <= landing:
+            out.append(h0 - g * t**2 / 2)
+            continue
+        start, speed = landing, g * landing * e
+        while t > start + 2 * speed / g:
+            start, speed = start + 2 * speed / g, speed * e
+        out.append(speed * (t - start) - g * (t - start) ** 2 / 2)
+    return np.array(out)
+
+
+def test_solve_hybrid_bounces_exactly_and_differentiates_end_to_end():
+    ts = jnp.linspace(0.0, 3.0, 31)
+    h0 = 2.0
+
+    def positions(params):
+        sol = no.solve_hybrid(
+            falling_ball, jnp.array([h0, 0.0]), ts, params, event=FALLS,
+            reset=bounce, max_events=8, rtol=1e-10, atol=1e-12,
+        )  # fmt: skip
+        return sol.ys[:, 0], sol
+
+    params = (jnp.array(GRAVITY), jnp.array(0.8))
+    heights, sol = jax.jit(positions)(params)
+    np.testing.assert_allclose(
+        heights, bouncing_heights(ts, h0, GRAVITY, 0.8), rtol=0, atol=1e-12
+    )
+    landing = np.sqrt(2 * h0 / GRAVITY)
+    # Bounce k lands 2 v_k / g after the last, v_k = e^k g t_1.
+    # (the fourth, at 3.13, is after ts[-1]).
+    gaps = 2 * 0.8 ** np.arange(1, 3) * landing
+    expected = landing + np.concatenate([[0], np.cumsum(gaps)])
+    np.testing.assert_allclose(sol.event_times[:3], expected, rtol=1e-13)
+    assert int(sol.num_events) == 3 and np.all(np.isnan(sol.event_times[3:]))
+
+    def loss(p):
+        return jnp.sum(positions(p)[0] ** 2)
+
+    grads = jax.jit(jax.grad(loss))(params)
+    solve = jax.jit(loss)
+    eps = 1e-6
+    fd = [
+        (solve((params[0] + eps, params[1])) - solve((params[0] - eps, params[1])))
+        / (2 * eps),
+        (solve((params[0], params[1] + eps)) - solve((params[0], params[1] - eps)))
+        / (2 * eps),
+    ]
+    np.testing.assert_allclose(grads, fd, rtol=1e-6)
+
+
+def test_solve_hybrid_stops_at_its_last_event_and_refuses_bad_input():
+    ts = jnp.linspace(0.0, 3.0, 7)
+    sol = no.solve_hybrid(
+        falling_ball, jnp.array([2.0, 0.0]), ts, (GRAVITY, 0.8), event=FALLS,
+        reset=bounce, max_events=1,
+    )  # fmt: skip
+    landing = np.sqrt(4 / GRAVITY)
+    assert np.all(np.isnan(np.asarray(sol.ys)[np.asarray(ts) > landing]))
+    assert int(sol.num_events) == 1
+    with pytest.raises(ValueError, match="max_events must be >= 1"):
+        no.solve_hybrid(
+            falling_ball, jnp.ones(2), ts, (GRAVITY, 0.8), event=FALLS,
+            reset=bounce, max_events=0,
+        )  # fmt: skip
+    with pytest.raises(TypeError, match="reset must be callable"):
+        no.solve_hybrid(
+            falling_ball, jnp.ones(2), ts, (GRAVITY, 0.8), event=FALLS,
+            reset=None, max_events=2,
+        )  # fmt: skip
