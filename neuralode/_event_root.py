@@ -43,6 +43,10 @@ class _Bracket(NamedTuple):
     # -1: the low end was kept last round, +1: the high end, 0: neither.
     kept: Array
     rounds: Array
+    # Set when a Newton step moved less than the tolerance: its point is the
+    # root (quadratic convergence puts it far closer than the step).
+    converged: Array
+    root: Array
 
 
 def _regula_falsi(b: _Bracket) -> Array:
@@ -67,6 +71,8 @@ def _shrink(b: _Bracket, x: Array, gx: Array) -> _Bracket:
         g_hi=jnp.where(to_low, jnp.where(halve_hi, 0.5 * b.g_hi, b.g_hi), gx),
         kept=jnp.where(to_low, 1, -1).astype(b.kept.dtype),
         rounds=b.rounds,
+        converged=b.converged,
+        root=b.root,
     )
 
 
@@ -76,14 +82,16 @@ def bracketed_root(
     """The zero crossing of g on [0, 1] and the rounds it took (not differentiable).
 
     `g` must change sign between 0 and 1 (or vanish at 1); otherwise the
-    result is NaN. Stops when the bracket is narrower than `tol` or g is
-    exactly zero. Returns the end of the final bracket where |g| is smaller.
+    result is NaN. Stops when the bracket is narrower than `tol`, g is
+    exactly zero, or a Newton correction is below `tol` (its point is then
+    the root: a bracket need not close from both sides).
+    Returns that point, else the end of the final bracket where |g| is smaller.
     """
     zero, one = jnp.zeros((), dtype), jnp.ones((), dtype)
     g0, g1 = g(zero), g(one)
     valid = (jnp.sign(g0) * jnp.sign(g1) <= 0) & jnp.isfinite(g0) & jnp.isfinite(g1)
     none = jnp.zeros((), jnp.int32)
-    init = _Bracket(zero, one, g0, g1, none, none)
+    init = _Bracket(zero, one, g0, g1, none, none, jnp.zeros((), bool), zero)
 
     def running(b: _Bracket) -> Array:
         return (
@@ -92,6 +100,7 @@ def bracketed_root(
             & (b.g_lo != 0)
             & (b.g_hi != 0)
             & (b.rounds < MAX_ROUNDS)
+            & ~b.converged
         )
 
     def round_(b: _Bracket) -> _Bracket:
@@ -102,12 +111,31 @@ def bracketed_root(
         newton = x - gx / jnp.where(slope != 0, slope, 1)
         usable = (slope != 0) & (gx != 0) & (newton > b.lo) & (newton < b.hi)
         newton = jnp.where(usable, newton, x)
-        stepped = _shrink(b, newton, g(newton))
+        g_newton = g(newton)
+        stepped = _shrink(b, newton, g_newton)
         b = jax.tree.map(lambda new, old: jnp.where(usable, new, old), stepped, b)
-        return b._replace(rounds=b.rounds + 1)
+        # Converged where Newton's correction from x is below tol: x is the
+        # root to within tol (quadratically less), even where the corrected
+        # point falls on or just outside an end of the bracket that x has
+        # become. Or where the Newton point's own value, over the bracket's
+        # secant slope, is below tol: it sits on the root to rounding while
+        # the bracket's far end stays put (a stored end value is at most
+        # halved by Illinois, which only makes this test stricter).
+        correction = jnp.abs(gx) / jnp.where(slope != 0, jnp.abs(slope), 1)
+        width = b.hi - b.lo
+        rise = jnp.abs(b.g_hi - b.g_lo)
+        at_newton = usable & (jnp.abs(g_newton) * width < tol * rise)
+        converged = ((slope != 0) & (correction < tol)) | at_newton
+        root = jnp.clip(jnp.where(usable, newton, x), b.lo, b.hi)
+        return b._replace(
+            rounds=b.rounds + 1,
+            converged=converged,
+            root=jnp.where(converged, root, b.root),
+        )
 
     final = lax.while_loop(running, round_, init)
     theta = jnp.where(jnp.abs(final.g_lo) <= jnp.abs(final.g_hi), final.lo, final.hi)
+    theta = jnp.where(final.converged, final.root, theta)
     return jnp.where(valid, theta, jnp.nan), final.rounds
 
 
