@@ -21,10 +21,11 @@ steps that rebuild (y_n, z_n) are the two base steps of the forward step, so
 one `jax.vjp` of each gives both the rebuilt states and the step's VJP: a
 backward step costs about two forward steps.
 
-λ < 1 makes the scheme stable where the base method is (λ = 1 is the
-unstable leapfrog-like coupling); the paper's default λ = 0.999 keeps the
-amplification of rounding errors in the reconstruction, λ^{-N} over N steps,
-negligible for any step count a solve allows.
+λ < 1 damps the scheme's spurious mode on oscillatory dynamics (λ = 1 is
+the leapfrog-like coupling, only neutrally stable); the paper's default
+λ = 0.999 keeps the amplification of rounding errors in the reconstruction
+that it costs, λ^{-N} over N steps, negligible for any step count a solve
+allows. Stability needs λ <= |R(hμ)| <= 1 per mode (`ReversibleAdjoint`).
 
 Reference: S. McCallum and J. Foster, "Efficient, accurate and stable
 gradients for neural ODEs", arXiv:2410.11648 (2024).
@@ -158,6 +159,8 @@ class _Stepper(eqx.Module):
     problem: Any = eqx.field(static=True)
     base: Any = eqx.field(static=True)
     coupling: float = eqx.field(static=True)
+    # (rtol, atol) of the solve, to measure the gap y - z in.
+    tolerances: tuple[float, float] = eqx.field(static=True)
     # (θ, arrays) -> the problem's parameters.
     params: Callable = eqx.field(static=True)
     arrays: PyTree
@@ -175,7 +178,8 @@ class _Stepper(eqx.Module):
 
 class _Sweep(NamedTuple):
     """The carry of the backward sweep before step k: the pair
-    (y_{k+1}, z_{k+1}), its adjoints and the parameter cotangents so far."""
+    (y_{k+1}, z_{k+1}), its adjoints, the parameter cotangents so far and the
+    largest gap between y and z seen (`_gap`)."""
 
     k: Array
     y: State
@@ -183,6 +187,27 @@ class _Sweep(NamedTuple):
     a_y: State
     a_z: State
     g: PyTree
+    gap: Array
+
+
+def _weighted_rms(x: State, scale: State, rtol: float, atol: float) -> Array:
+    """RMS norm of x / (atol + rtol·|scale|) over all leaves."""
+    squares = [
+        jnp.sum(jnp.abs(a / (atol + rtol * jnp.abs(b))) ** 2)
+        for a, b in zip(x, scale, strict=True)
+    ]
+    return jnp.sqrt(sum(squares) / sum(a.size for a in x))
+
+
+def _gap(y: State, z: State, tolerances: tuple[float, float]) -> Array:
+    """‖y - z‖ in units of the tolerance: the amplitude of the scheme's
+    spurious mode (0 for the exact flow; a local error's worth where stable)."""
+    rtol, atol = tolerances
+    scale = tuple(
+        jnp.maximum(jnp.abs(a), jnp.abs(b)) for a, b in zip(y, z, strict=True)
+    )
+    difference = tuple(a - b for a, b in zip(y, z, strict=True))
+    return _weighted_rms(difference, scale, rtol, atol)
 
 
 class _Outputs(NamedTuple):
@@ -205,8 +230,9 @@ def _f0_time(times: Array, k: Array) -> Array:
 def _sweep_states(stepper: _Stepper, theta, y_end, z_end, seed, outputs, times, count):
     """Rebuild the pair step by step from the last and back-propagate.
 
-    **Returns:** `(a_y0, a_z0, g, y0, z0)`: the adjoints of the initial pair,
-    the parameter cotangents and the rebuilt initial pair.
+    **Returns:** `(a_y0, a_z0, g, y0, z0, gap)`: the adjoints of the initial
+    pair, the parameter cotangents, the rebuilt initial pair and the largest
+    `_gap` of the rebuilt pairs.
     """
     lam = stepper.coupling
     dense = outputs is not None
@@ -217,7 +243,7 @@ def _sweep_states(stepper: _Stepper, theta, y_end, z_end, seed, outputs, times, 
         shift = ((lam - 1) * outputs.fractions).astype(outputs.bar[0].dtype)
 
     def body(carry: _Sweep) -> _Sweep:
-        k, y1, z1, a_y, a_z, g = carry
+        k, y1, z1, a_y, a_z, g, gap = carry
         t = times[k]
         h = times[k + 1] - t
         t1 = t + h  # as the forward step computed it
@@ -254,13 +280,15 @@ def _sweep_states(stepper: _Stepper, theta, y_end, z_end, seed, outputs, times, 
             a_y = tuple(p + q + r for p, q, r in zip(a_y, direct, coupled, strict=True))
             a_z = tuple(p - r for p, r in zip(a_z, coupled, strict=True))
         g = jax.tree.map(lambda p, q, r: p - q + r, g, r_theta, s_theta)
-        return _Sweep(k - 1, y, z, a_y, a_z, g)
+        gap = jnp.maximum(gap, lax.stop_gradient(_gap(y, z, stepper.tolerances)))
+        return _Sweep(k - 1, y, z, a_y, a_z, g, gap)
 
     zeros = tuple(jnp.zeros_like(x) for x in seed)
     g0 = jax.tree.map(jnp.zeros_like, theta)
-    init = _Sweep(count - 1, y_end, z_end, seed, zeros, g0)
+    gap = lax.stop_gradient(_gap(y_end, z_end, stepper.tolerances))
+    init = _Sweep(count - 1, y_end, z_end, seed, zeros, g0, gap)
     final = lax.while_loop(lambda c: c.k >= 0, body, init)
-    return final.a_y, final.a_z, final.g, final.y, final.z
+    return final.a_y, final.a_z, final.g, final.y, final.z, final.gap
 
 
 _SECOND_ORDER = (
@@ -304,14 +332,45 @@ class ReversibleRecord(NamedTuple):
 
 class ReversibleGradient(NamedTuple):
     """The backward pass's result: cotangents of the parameters (inexact leaves;
-    None elsewhere), y0 and τ, and the initial pair (y_0, z_0) as the sweep
-    rebuilt it (both equal y0 up to rounding)."""
+    None elsewhere), y0 and τ; the initial pair (y_0, z_0) as the sweep rebuilt
+    it (both equal y0 up to rounding); `drift`, the largest distance of either
+    from y0, and `gap`, the largest ‖y_k - z_k‖ of the rebuilt pairs, both in
+    units of the tolerance (atol + rtol·|y|, RMS over the state)."""
 
     params_bar: PyTree
     y0_bar: State
     tau_bar: Array
     y0_rebuilt: State
     z0_rebuilt: State
+    drift: Array
+    gap: Array
+
+
+#: The largest distance, in units of the tolerance, between y0 and the initial
+#: pair that the backward pass rebuilt before the gradient is refused.
+MAX_DRIFT = 1000.0
+
+_ADVICE = (
+    " Use adjoint=neuralode.CheckpointAdjoint() (the exact gradient of the "
+    "plain discrete solve, in bounded memory), or a smaller coupling "
+    "(ReversibleAdjoint(coupling=0.5)) for a contracting problem."
+)
+_DRIFT = (
+    "neuralode: ReversibleAdjoint refused the gradient: running the reversible "
+    "scheme backwards did not rebuild y0 (the rebuilt initial state is off by "
+    f"more than {MAX_DRIFT:g} times the tolerance), so the gradient would be "
+    "taken along the wrong trajectory. Rounding errors grow backwards where the "
+    "forward flow contracts (by 1/|R(hμ)| per step) or is chaotic." + _ADVICE
+)
+
+
+def _refused_if_lost(config: SolverConfig, cotangents, result: ReversibleGradient):
+    """The cotangents, or where the rebuilt initial pair drifted from y0 by
+    more than `MAX_DRIFT`, an error (with `config.throw`) or NaN."""
+    drifted = ~(result.drift <= MAX_DRIFT)
+    if config.throw:
+        return eqx.error_if(cotangents, drifted, _DRIFT)
+    return jax.tree.map(lambda x: jnp.where(drifted, jnp.nan, x), cotangents)
 
 
 class ReversibleAdjoint(AbstractAdjoint):
@@ -334,6 +393,20 @@ class ReversibleAdjoint(AbstractAdjoint):
     pair and its adjoints. Step-size decisions are not differentiated.
     Gradients with respect to `ts` use the continuous formula of the other
     adjoints (∂L/∂t_i = ȳ_i·f(t_i, y_i), -a(t_0)·f(t_0, y_0) for t_0).
+
+    Where it works: the scheme is linearly stable only where
+    λ <= |R(hμ)| <= 1 (R the base method's stability function, μ an
+    eigenvalue of ∂f/∂y): the pair map has determinant λ per mode, so where a
+    step contracts by more than λ its spurious mode y - z grows by λ/|R(hμ)|
+    per step, which the error estimate does not see. Dynamics that neither
+    contract nor expand much per step (oscillations, conservative and chaotic
+    systems, the paper's use) suit it; on a strongly contracting flow the
+    forward solution can miss its tolerance and the gradient follows it (use
+    `CheckpointAdjoint` there). Run backwards, a contracting flow expands, so
+    rounding errors in the rebuilt states grow by up to 1/|R(hμ)| per step;
+    when the rebuilt y0 is off by more than `MAX_DRIFT` tolerances the
+    gradient is refused (an error, or NaN with `throw=False`) instead of
+    returned wrong.
 
     First derivatives only: gradients of gradients raise a `TypeError` (use
     `CheckpointAdjoint`), and, a `custom_vjp`, it blocks forward mode (use
@@ -430,10 +503,12 @@ class ReversibleAdjoint(AbstractAdjoint):
         params: PyTree,
         direction: Array,
         tau: Array,
+        y0: State,
         record: ReversibleRecord,
         ys_bar: State,
     ) -> ReversibleGradient:
-        """Cotangents of the parameters, y0 and τ from those of the outputs."""
+        """Cotangents of the parameters, y0 and τ from those of the outputs, and
+        the rebuilt initial pair with its diagnostics."""
         diff, fixed = eqx.partition(params, eqx.is_inexact_array)
         fixed_arrays, fixed_static = eqx.partition(fixed, eqx.is_array)
         real = jnp.real(ys_bar[0]).dtype
@@ -445,6 +520,7 @@ class ReversibleAdjoint(AbstractAdjoint):
             problem,
             config.solver,
             float(self.coupling),
+            (config.rtol, config.atol),
             lambda theta, arrays: eqx.combine(theta, arrays, fixed_static),
             fixed_arrays,
             direction,
@@ -472,7 +548,7 @@ class ReversibleAdjoint(AbstractAdjoint):
             fractions = ((since[inner] - start) / (end - start)).astype(real)
             outputs = _Outputs(tuple(bar[inner] for bar in ys_bar), steps, fractions)
         seed = tuple(bar[-1] for bar in ys_bar)
-        a_y, a_z, g, y0_rebuilt, z0_rebuilt = _sweep(
+        a_y, a_z, g, y0_rebuilt, z0_rebuilt, gap = _sweep(
             stepper, diff, record.y_end, record.z_end, seed, outputs, times, count
         )
         a_before = _add(_add(a_y, a_z), y0_direct)
@@ -480,7 +556,14 @@ class ReversibleAdjoint(AbstractAdjoint):
             problem, params, direction, tau, record.ys, ys_bar, a_before
         )
         y0_bar = tuple(a + bar[0] for a, bar in zip(a_before, ys_bar, strict=True))
-        return ReversibleGradient(g, y0_bar, tau_bar, y0_rebuilt, z0_rebuilt)
+        rtol, atol = config.rtol, config.atol
+        off = lambda rebuilt: _weighted_rms(
+            tuple(a - b for a, b in zip(rebuilt, y0, strict=True)), y0, rtol, atol
+        )
+        drift = lax.stop_gradient(jnp.maximum(off(y0_rebuilt), off(z0_rebuilt)))
+        return ReversibleGradient(
+            g, y0_bar, tau_bar, y0_rebuilt, z0_rebuilt, drift, gap
+        )
 
     def loop(self, config, problem, params, y0, ts, h0=None):
         direction, tau = direction_and_tau(ts)
@@ -503,9 +586,10 @@ class ReversibleAdjoint(AbstractAdjoint):
             params = eqx.combine(params_arrays, params_static)
             ys_bar = instantiate(cotangent.ys)
             result = self.backward(
-                config, problem, params, direction, tau, record, ys_bar
+                config, problem, params, direction, tau, y0, record, ys_bar
             )
-            return result.params_bar, result.y0_bar, result.tau_bar
+            cotangents = (result.params_bar, result.y0_bar, result.tau_bar)
+            return _refused_if_lost(config, cotangents, result)
 
         def expand(record, tau, ys_bar):
             return ReversibleRecord(ys_bar, None, None, None, None)
