@@ -33,7 +33,7 @@ LIBRARY_LABELS: dict[str, str] = {
 }
 
 _GRAD_VARIANTS: dict[str, tuple[str, ...]] = {
-    "neuralode": ("backsolve", "checkpoint", "reversible"),
+    "neuralode": ("backsolve", "checkpoint", "reversible", "interpolating"),
     "diffrax": ("backsolve", "recursive-checkpoint"),
     "jaxode": ("own-adjoint",),
     "torchdiffeq": ("adjoint",),

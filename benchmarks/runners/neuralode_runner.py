@@ -13,6 +13,7 @@ _ADJOINTS = {
     "backsolve": "BacksolveAdjoint",
     "checkpoint": "CheckpointAdjoint",
     "reversible": "ReversibleAdjoint",
+    "interpolating": "InterpolatingAdjoint",
 }
 
 
