@@ -2,6 +2,7 @@
 
     python -m neuralode digits                 # ODE-Net on 8x8 digits
     python -m neuralode cnf --reg kinetic,jacobian
+    python -m neuralode cnf --data digits      # CNF on 8x8 images, bits/dim
     python -m neuralode spiral --steps 3000
     python -m neuralode stiff --solver kvaerno5   # Robertson's rate constants
     python -m neuralode digits --resume runs/digits-20250101-120000 --steps 2000
@@ -177,6 +178,14 @@ def _run_command(
         # given explicitly win. Everything is checked before anything is written.
         subparser.set_defaults(**option_defaults(module, args))
         args, _ = _parse(parser, argv)
+        # An experiment may hand some options to another module with defaults
+        # of its own (cnf --data digits): those come before --quick's.
+        chosen = module.variant(args) if hasattr(module, "variant") else module
+        if chosen is not module:
+            module = chosen
+            subparser.set_defaults(**module.DEFAULTS)
+            subparser.set_defaults(**option_defaults(module, args))
+            args, _ = _parse(parser, argv)
         ctx = prepare_run(module, args)
     except UsageError as e:
         subparser.error(str(e))
