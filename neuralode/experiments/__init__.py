@@ -1,7 +1,7 @@
 """The paper's demonstrations as command-line experiments.
 
-Each experiment module (`spiral`, `digits`, `cnf`, `stiff`) has a `NAME`, a `HELP`
-line, the default `STEPS`, the `QUICK` defaults of `--quick`,
+Each experiment module (`spiral`, `digits`, `cnf`, `stiff`, `latent`) has a
+`NAME`, a `HELP` line, the default `STEPS`, the `QUICK` defaults of `--quick`,
 `add_arguments(parser)`, `configure(args)` (derived settings and checks),
 `build(args, key) -> (model, optimiser)` and `run(ctx) -> metrics`;
 `python -m neuralode <name>` trains it with optax under `eqx.filter_jit`,
@@ -11,7 +11,13 @@ a checkpoint into the run directory.
 
 from types import ModuleType
 
-from . import cnf as cnf, digits as digits, spiral as spiral, stiff as stiff
+from . import (
+    cnf as cnf,
+    digits as digits,
+    latent as latent,
+    spiral as spiral,
+    stiff as stiff,
+)
 from ._output import UsageError as UsageError
 from ._run import (
     HelpFormatter as HelpFormatter,
@@ -20,4 +26,6 @@ from ._run import (
     prepare_run as prepare_run,
 )
 
-EXPERIMENTS: dict[str, ModuleType] = {m.NAME: m for m in (spiral, digits, cnf, stiff)}
+EXPERIMENTS: dict[str, ModuleType] = {
+    m.NAME: m for m in (spiral, digits, cnf, stiff, latent)
+}
