@@ -16,10 +16,15 @@ parameters) without any adjoint knowing about events, and
 
 holds to rounding, with ∂y/∂p and f those of the discrete solve's interpolant.
 
-Limitations (documented on `Event`): a condition that crosses zero and back
-within one step (an even number of roots) is not seen, as its values at the
-two ends of the step have the same sign; a condition that is exactly zero at
-the first time does not fire there.
+A condition that crosses zero and back within one step has the same sign at
+both ends of it. The loop also evaluates each condition's rate dg/dt along
+the solution (one JVP of cond per step, with f at the step's end, which the
+step has computed already); where the cubic Hermite interpolant of g through
+the values and rates at the two ends reaches the other sign inside the step
+(`hidden_crossing`), the step is retried once, ending at the cubic's
+extremum, so that the crossing shows as a sign change. A dip too brief for
+that cubic to see is missed (documented on `Event`). A condition that is
+exactly zero at the first time does not fire there.
 """
 
 from __future__ import annotations
@@ -55,11 +60,13 @@ class Event(eqx.Module):
     across which a condition changes sign, to a few units in the last place,
     and is differentiable (implicit function theorem).
 
-    Not detected: a crossing and re-crossing within one step (an even number
-    of roots, so no sign change at the step's ends); tighten `rtol` or bound
-    the step with `dt0`/`ConstantStepSize` if such grazing events matter. A
-    condition exactly zero at the initial time does not fire there, nor when
-    it leaves zero; it fires at its next crossing.
+    A crossing and re-crossing within one step (no sign change at the step's
+    ends) is found where the cubic through the condition's values and rates
+    dg/dt at the two ends reveals it (the step is then retried, shorter; with
+    adaptive steps only). A dip much briefer than the step that this cubic
+    misses is not detected: tighten `rtol`, or use small fixed steps, if such
+    grazing events matter. A condition exactly zero at the initial time does
+    not fire there, nor when it leaves zero; it fires at its next crossing.
     """
 
     cond: Callable | Sequence[Callable]
@@ -149,6 +156,45 @@ def crossed(g_prev: Array, g_new: Array, directions: tuple[int, ...]) -> Array:
     down = (g_prev > 0) & (g_new <= 0)
     d = np.asarray(directions)
     return jnp.where(d > 0, up, jnp.where(d < 0, down, up | down))
+
+
+def hidden_crossing(
+    g0: Array, m0: Array, g1: Array, m1: Array, directions: tuple[int, ...]
+) -> tuple[Array, Array]:
+    """Whether a condition seems to cross zero and back within a step, and where.
+
+    With g0, g1 the values at the step's ends and m0, m1 the derivatives along
+    the step times its size (h·dg/dt), the cubic Hermite interpolant
+    p(θ) = g0 + m0θ + (3Δ - 2m0 - m1)θ² + (m0 + m1 - 2Δ)θ³, Δ = g1 - g0,
+    approximates g on θ ∈ [0, 1]. Where g0 and g1 have the same sign but p
+    reaches the other sign (in the condition's direction) at an extremum θc,
+    returns True and θc, else False and 1.
+    """
+    delta = g1 - g0
+    b = 3 * delta - 2 * m0 - m1
+    c = m0 + m1 - 2 * delta
+    # p'(θ) = m0 + 2bθ + 3cθ²: its roots in (0, 1).
+    qa, qb = 3 * c, 2 * b
+    disc = qb**2 - 4 * qa * m0
+    sqrt = jnp.sqrt(jnp.maximum(disc, 0))
+    safe_qa = jnp.where(qa != 0, qa, 1)
+    linear = -m0 / jnp.where(qb != 0, qb, 1)
+    roots = [
+        jnp.where(qa != 0, (-qb - sqrt) / (2 * safe_qa), linear),
+        jnp.where(qa != 0, (-qb + sqrt) / (2 * safe_qa), linear),
+    ]
+    d = np.asarray(directions)
+    best = jnp.ones_like(g0)
+    found = jnp.zeros(g0.shape, bool)
+    for theta in roots:
+        p = g0 + theta * (m0 + theta * (b + theta * c))
+        inside = (disc >= 0) & (theta > 0) & (theta < 1)
+        up = (g0 < 0) & (g1 < 0) & (p >= 0)
+        down = (g0 > 0) & (g1 > 0) & (p <= 0)
+        flips = jnp.where(d > 0, up, jnp.where(d < 0, down, up | down)) & inside
+        best = jnp.where(flips, jnp.minimum(best, theta), best)
+        found = found | flips
+    return found, best
 
 
 def event_function(problem: Any, params: Any, direction: Array) -> EventFunction | None:

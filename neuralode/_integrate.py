@@ -36,7 +36,7 @@ from ._controller import (
     weighted,
 )
 from ._dense_output import chunked_loop, output_chunk, read_outputs
-from ._event import EventFunction, EventStop, crossed
+from ._event import EventFunction, EventStop, crossed, hidden_crossing
 from ._packed_loop import packed_while_loop
 from ._solution import RESULTS
 from ._solvers import AbstractSolver
@@ -360,6 +360,10 @@ class _ForwardState(NamedTuple):
     event_fired: Array | None = None
     event_hit: Array | None = None
     event_h: Array | None = None
+    # The conditions' rates dg/dt at t, and whether the last attempt was cut
+    # short to look for a crossing hidden inside the step before it.
+    event_dg: Array | None = None
+    event_retry: Array | None = None
 
 
 def first_step(
@@ -497,6 +501,12 @@ def integrate(
     f = lambda s, y: field(origin + s, y)
     if event is not None:
         event_values = lambda s, y: event.values(origin + s, y).astype(real)
+
+        def event_rates(s, y, f_y):
+            """The conditions' values and rates dg/dt = ∂g/∂t + ∂g/∂y·f."""
+            one = jnp.ones_like(s)
+            return jax.jvp(event_values, (s, y), (one, f_y))
+
     tau_out = tau_out - origin
     t0 = tau_out[0]
     t_end = tau_out[-1]
@@ -571,15 +581,38 @@ def integrate(
         if event is not None:
             # A step across which a condition changes sign is not taken: the
             # loop stops before it, and `_event.locate` finds the crossing.
-            g_new = event_values(attempt.t_new, attempt.y1)
+            g_new, dg_new = event_rates(attempt.t_new, attempt.y1, attempt.f1)
             fired = attempt.accept & crossed(state.event_g, g_new, event.directions)
             hit = jnp.any(fired)
-            attempt = attempt._replace(accept=attempt.accept & ~hit)
+            accept = attempt.accept & ~hit
+            retry = jnp.zeros((), bool)
+            if config.adaptive:
+                # A crossing and re-crossing inside the step leaves the same
+                # sign at both ends; where the cubic through the ends' values
+                # and rates suggests one, the step is retried once, ending at
+                # the cubic's extremum, so that the crossing shows as a sign
+                # change (a step size decision: not differentiated).
+                h_sg = lax.stop_gradient(attempt.h).astype(real)
+                suspect, theta = hidden_crossing(
+                    state.event_g, h_sg * state.event_dg, g_new, h_sg * dg_new,
+                    event.directions,
+                )  # fmt: skip
+                retry = accept & jnp.any(suspect) & ~state.event_retry
+                theta = jnp.clip(jnp.min(theta), 0.05, 0.95).astype(attempt.h.dtype)
+                accept = accept & ~retry
+                attempt = attempt._replace(
+                    h_next=jnp.where(
+                        retry, lax.stop_gradient(theta * attempt.h), attempt.h_next
+                    )
+                )
+            attempt = attempt._replace(accept=accept)
             state = state._replace(
-                event_g=jnp.where(attempt.accept, g_new, state.event_g),
+                event_g=jnp.where(accept, g_new, state.event_g),
+                event_dg=jnp.where(accept, dg_new, state.event_dg),
                 event_fired=fired,
                 event_hit=hit,
                 event_h=jnp.where(hit, attempt.h, state.event_h),
+                event_retry=retry,
             )
             if attempt.carry is not None:
                 attempt = attempt._replace(
@@ -698,9 +731,11 @@ def integrate(
         base=zero,
     )
     if event is not None:
-        g0 = event_values(t0, y0)
+        g0, dg0 = event_rates(t0, y0, f0)
         init = init._replace(
             event_g=g0,
+            event_dg=dg0,
+            event_retry=jnp.zeros((), bool),
             event_fired=jnp.zeros(g0.shape, bool),
             event_hit=jnp.zeros((), bool),
             event_h=jnp.zeros((), t0.dtype),

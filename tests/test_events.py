@@ -190,6 +190,16 @@ def test_pytree_state_and_backward_in_time():
     assert abs(float(sol.event_state["x"])) < 1e-12
 
 
+def test_a_crossing_and_recrossing_inside_one_step_is_found():
+    # Thrown up from the ground at v0 = 5, the ball passes height 1 on the way
+    # up and down; its polynomial motion lets the solver take steps spanning
+    # both crossings, which only the rates dg/dt at the step ends reveal.
+    event = no.Event(lambda t, y, a: y[0] - 1.0)
+    sol = no.solve(ball, jnp.array([0.0, 5.0]), TS, GRAVITY, event=event, **TIGHT)
+    first = (5.0 - np.sqrt(25.0 - 2 * GRAVITY)) / GRAVITY
+    np.testing.assert_allclose(sol.event_time, first, rtol=1e-12)
+
+
 @pytest.mark.parametrize(
     ("solver", "dt0", "rtol"),
     [
