@@ -251,14 +251,14 @@ def _sweep_states(stepper: _Stepper, theta, y_end, z_end, seed, outputs, times, 
             lambda x, th: stepper.phi(th, t1, x, -h, t1, False)[0], y1, theta
         )
         z = tuple(c - (a - b) for c, a, b in zip(z1, y1, back, strict=True))
+        r_y, r_theta = back_vjp(a_z)
+        a_bar = tuple(p + q - r for p, q, r in zip(a_y, a_z, r_y, strict=True))
         (ahead, _), ahead_vjp = jax.vjp(
             lambda x, th: stepper.phi(th, t, x, h, _f0_time(times, k), dense),
             z,
             theta,
         )
         y = tuple(c + (a - b) / lam for c, a, b in zip(z, y1, ahead, strict=True))
-        r_y, r_theta = back_vjp(a_z)
-        a_bar = tuple(p + q - r for p, q, r in zip(a_y, a_z, r_y, strict=True))
         coeffs_bar = None
         if dense:
             # Output i in step k: y_k + θ_i(λ-1)(y_k - z_k) + Σ_p θ_i^{p+1} C_p.
