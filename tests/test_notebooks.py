@@ -47,7 +47,7 @@ def run_notebook(path: Path, small: bool, timeout: int, monkeypatch) -> None:
 
 
 def test_notebooks_found():
-    assert [p.name[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04", "05"]
+    assert [p.name[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04", "05", "06"]
     assert FULL_SIZE in [p.stem for p in NOTEBOOKS]
 
 
