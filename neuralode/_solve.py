@@ -123,7 +123,6 @@ def solve(
         )
     hit = stats.event.hit
     counts = _stats_dict(stats)
-    counts["num_steps"] = counts["num_steps"]
     counts["num_accepted"] = counts["num_accepted"] + hit.astype(jnp.int32)
     counts["num_rejected"] = counts["num_steps"] - counts["num_accepted"]
     counts["num_fevals"] = counts["num_fevals"] + located.fevals
