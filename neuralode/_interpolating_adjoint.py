@@ -305,7 +305,7 @@ class InterpolatingAdjoint(AbstractAdjoint):
         count, stride = record.count, record.stride
         # Windows start at kept states: `span` steps, a multiple of the stride.
         span = jnp.maximum(width // stride, 1) * stride
-        valid = jnp.arange(record.times.shape[0]) <= count
+        valid = jnp.arange(record.times.shape[0], dtype=count.dtype) <= count
         times = jnp.concatenate(
             [
                 jnp.where(valid, lax.stop_gradient(record.times), jnp.inf),
@@ -324,7 +324,9 @@ class InterpolatingAdjoint(AbstractAdjoint):
             length = jnp.minimum(span, count - k0)
             local_times = lax.dynamic_slice_in_dim(times, k0, width + 1)
             local_times = jnp.where(
-                jnp.arange(width + 1) <= length, local_times, jnp.inf
+                jnp.arange(width + 1, dtype=length.dtype) <= length,
+                local_times,
+                jnp.inf,
             )
             f = lambda s, z: field(s, z, theta)
             y = tuple(leaf[k0 // stride] for leaf in record.y_starts)
@@ -420,7 +422,7 @@ class InterpolatingAdjoint(AbstractAdjoint):
             return _Backward(
                 top=target,
                 step=jnp.where(target == bottom, k0, carry.step).astype(jnp.int32),
-                output=(carry.output - reached).astype(jnp.int32),
+                output=carry.output - reached.astype(jnp.int32),
                 a=a,
                 g=tuple(map(jnp.add, carry.g, end[m:])),
                 h=lax.stop_gradient(h),
