@@ -53,9 +53,10 @@ def _directional(loss, inputs, eps=1e-6, seed=0):
     return float(exact), float((plus - minus) / (2 * eps))
 
 
-# With Midpoint (CNF test), RK4 (NeuralODE test), Bosh3 (pytree test) and
-# Tsit5 (adaptive test), every explicit solver is checked against differences.
-FIXED_STEP = [no.Euler(), no.Fehlberg45(), no.Dopri5()]
+# With Euler (pytree test), Midpoint (CNF test), RK4 (NeuralODE test) and
+# Tsit5 (adaptive test) every explicit solver's gradient is checked; Bosh3's
+# rebuilding is.
+FIXED_STEP = [no.Fehlberg45(), no.Dopri5()]
 
 
 @pytest.mark.parametrize("solver", FIXED_STEP, ids=name)
@@ -119,7 +120,7 @@ def test_backward_pass_rebuilds_the_initial_state():
     rounding."""
     adjoint = no.ReversibleAdjoint()
     config = no._integrate.SolverConfig(
-        no.Dopri5(), no.PIController(), 1e-10, 1e-12, None, 4096, None
+        no.Bosh3(), no.PIController(), 1e-8, 1e-10, None, 4096, None
     )
     ts = jnp.array([0.0, 20.0])
     y0 = jnp.array([2.5, 0.0])
@@ -155,7 +156,7 @@ def test_vmap_jit_pytree_backward_in_time():
     def loss(inputs):
         y0, k = inputs
         ys = no.odeint(
-            f, y0, ts, k, solver=no.Bosh3(), dt0=0.05,
+            f, y0, ts, k, solver=no.Euler(), dt0=0.05,
             controller=no.ConstantStepSize(), adjoint=no.ReversibleAdjoint(),
         )  # fmt: skip
         return jnp.sum(ys["x"] ** 2) + jnp.sum(jnp.cos(ys["v"]))
