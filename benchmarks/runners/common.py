@@ -125,6 +125,7 @@ def failed_rows(
 
 _KEY_PHRASES = (
     "lost the forward solution",
+    "refused the gradient",
     "max_steps",
     "max_num_steps",
     "maximum number of",
