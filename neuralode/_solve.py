@@ -156,7 +156,9 @@ def _loop(adjoint: AbstractAdjoint, config, problem, params, y0_flat, ts):
             "jax.jacfwd, and jax.hessian, which is jacfwd of jacrev) cannot go "
             "through. For forward mode pass adjoint=neuralode.ForwardMode(); for "
             "second derivatives in reverse mode use jax.jacrev(jax.jacrev(f)) "
-            "(or jax.grad of a gradient), which this adjoint supports."
+            "(or jax.grad of a gradient), which BacksolveAdjoint and "
+            "CheckpointAdjoint support (ReversibleAdjoint and InterpolatingAdjoint "
+            "give first derivatives only)."
         ) from None
 
 
