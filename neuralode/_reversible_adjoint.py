@@ -40,6 +40,7 @@ import equinox as eqx
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, PyTree
 
 from ._adjoint import AbstractAdjoint
@@ -51,6 +52,7 @@ from ._adjoint_common import (
     instantiate,
     time_cotangents,
 )
+from ._failure import SolveError, solve_error_from, tie
 from ._integrate import LoopOptions, SolverConfig, integrate
 from ._solvers import AbstractExplicitRungeKutta, AbstractSolver, StepResult
 from ._state import FlatField, State
@@ -364,12 +366,35 @@ _DRIFT = (
 )
 
 
+def _raise_drift(drifted: np.ndarray) -> np.ndarray:
+    if np.any(drifted):
+        raise SolveError(_DRIFT)
+    return np.zeros(np.shape(drifted), np.int32)
+
+
+def _drift_check(drifted: Array) -> Array:
+    """A zero to `tie` into the gradient, from a host check that raises
+    `SolveError` when `drifted` (run only then, as the solves' own checks)."""
+    shape = jax.ShapeDtypeStruct((), jnp.int32)
+    call = lambda: jax.pure_callback(
+        _raise_drift, shape, drifted, vmap_method="broadcast_all"
+    )
+    try:
+        return lax.cond(drifted, call, lambda: jnp.zeros((), jnp.int32))
+    except jax.errors.JaxRuntimeError as error:
+        # Evaluated eagerly the check runs on the spot: raise it as itself.
+        found = solve_error_from(error)
+        if found is None:
+            raise
+        raise found from None
+
+
 def _refused_if_lost(config: SolverConfig, cotangents, result: ReversibleGradient):
     """The cotangents, or where the rebuilt initial pair drifted from y0 by
-    more than `MAX_DRIFT`, an error (with `config.throw`) or NaN."""
+    more than `MAX_DRIFT`, a `SolveError` (with `config.throw`) or NaN."""
     drifted = ~(result.drift <= MAX_DRIFT)
     if config.throw:
-        return eqx.error_if(cotangents, drifted, _DRIFT)
+        return tie(cotangents, _drift_check(drifted))
     return jax.tree.map(lambda x: jnp.where(drifted, jnp.nan, x), cotangents)
 
 
@@ -405,7 +430,7 @@ class ReversibleAdjoint(AbstractAdjoint):
     `CheckpointAdjoint` there). Run backwards, a contracting flow expands, so
     rounding errors in the rebuilt states grow by up to 1/|R(hμ)| per step;
     when the rebuilt y0 is off by more than `MAX_DRIFT` tolerances the
-    gradient is refused (an error, or NaN with `throw=False`) instead of
+    gradient is refused (`SolveError`, or NaN with `throw=False`) instead of
     returned wrong.
 
     First derivatives only: gradients of gradients raise a `TypeError` (use
