@@ -20,10 +20,11 @@ A condition that crosses zero and back within one step has the same sign at
 both ends of it. The loop also evaluates each condition's rate dg/dt along
 the solution (one JVP of cond per step, with f at the step's end, which the
 step has computed already); where the cubic Hermite interpolant of g through
-the values and rates at the two ends reaches the other sign inside the step
-(`hidden_crossing`), the step is retried once, ending at the cubic's
-extremum, so that the crossing shows as a sign change. A dip too brief for
-that cubic to see is missed (documented on `Event`). A condition that is
+the values and rates at the two ends has the other sign at one of a few
+points inside the step (`hidden_crossing`), the step is retried once,
+ending at the first such point, so that the crossing shows as a sign
+change. A dip too brief for that cubic and those points to see is missed
+(documented on `Event`). A condition that is
 exactly zero at the first time does not fire there.
 """
 
@@ -158,6 +159,10 @@ def crossed(g_prev: Array, g_new: Array, directions: tuple[int, ...]) -> Array:
     return jnp.where(d > 0, up, jnp.where(d < 0, down, up | down))
 
 
+#: Where `hidden_crossing` reads the cubic inside a step.
+HIDDEN_SAMPLES = tuple(k / 8 for k in range(1, 8))
+
+
 def hidden_crossing(
     g0: Array, m0: Array, g1: Array, m1: Array, directions: tuple[int, ...]
 ) -> tuple[Array, Array]:
@@ -165,36 +170,27 @@ def hidden_crossing(
 
     With g0, g1 the values at the step's ends and m0, m1 the derivatives along
     the step times its size (h·dg/dt), the cubic Hermite interpolant
-    p(θ) = g0 + m0θ + (3Δ - 2m0 - m1)θ² + (m0 + m1 - 2Δ)θ³, Δ = g1 - g0,
+    p(θ) = (2θ³ - 3θ² + 1)g0 + (θ³ - 2θ² + θ)m0 + (3θ² - 2θ³)g1 + (θ³ - θ²)m1
     approximates g on θ ∈ [0, 1]. Where g0 and g1 have the same sign but p
-    reaches the other sign (in the condition's direction) at an extremum θc,
-    returns True and θc, else False and 1.
+    has the other sign (in the condition's direction) at one of
+    `HIDDEN_SAMPLES`, returns True and the first such θ, else False and 1.
+    Multiply-adds only, no division: the check runs on every step.
     """
-    delta = g1 - g0
-    b = 3 * delta - 2 * m0 - m1
-    c = m0 + m1 - 2 * delta
-    # p'(θ) = m0 + 2bθ + 3cθ²: its roots in (0, 1).
-    qa, qb = 3 * c, 2 * b
-    disc = qb**2 - 4 * qa * m0
-    sqrt = jnp.sqrt(jnp.maximum(disc, 0))
-    safe_qa = jnp.where(qa != 0, qa, 1)
-    linear = -m0 / jnp.where(qb != 0, qb, 1)
-    roots = [
-        jnp.where(qa != 0, (-qb - sqrt) / (2 * safe_qa), linear),
-        jnp.where(qa != 0, (-qb + sqrt) / (2 * safe_qa), linear),
-    ]
     d = np.asarray(directions)
+    up_possible = (g0 < 0) & (g1 < 0) & (d >= 0)
+    down_possible = (g0 > 0) & (g1 > 0) & (d <= 0)
     best = jnp.ones_like(g0)
-    found = jnp.zeros(g0.shape, bool)
-    for theta in roots:
-        p = g0 + theta * (m0 + theta * (b + theta * c))
-        inside = (disc >= 0) & (theta > 0) & (theta < 1)
-        up = (g0 < 0) & (g1 < 0) & (p >= 0)
-        down = (g0 > 0) & (g1 > 0) & (p <= 0)
-        flips = jnp.where(d > 0, up, jnp.where(d < 0, down, up | down)) & inside
-        best = jnp.where(flips, jnp.minimum(best, theta), best)
-        found = found | flips
-    return found, best
+    for theta in reversed(HIDDEN_SAMPLES):
+        t2, t3 = theta * theta, theta * theta * theta
+        p = (
+            (2 * t3 - 3 * t2 + 1) * g0
+            + (t3 - 2 * t2 + theta) * m0
+            + (3 * t2 - 2 * t3) * g1
+            + (t3 - t2) * m1
+        )
+        flips = (up_possible & (p >= 0)) | (down_possible & (p <= 0))
+        best = jnp.where(flips, theta, best)
+    return best < 1, best
 
 
 def event_function(problem: Any, params: Any, direction: Array) -> EventFunction | None:

@@ -590,15 +590,16 @@ def integrate(
                 # A crossing and re-crossing inside the step leaves the same
                 # sign at both ends; where the cubic through the ends' values
                 # and rates suggests one, the step is retried once, ending at
-                # the cubic's extremum, so that the crossing shows as a sign
-                # change (a step size decision: not differentiated).
+                # the first place the cubic has the other sign, so that the
+                # crossing shows as a sign change (a step size decision: not
+                # differentiated).
                 h_sg = lax.stop_gradient(attempt.h).astype(real)
                 suspect, theta = hidden_crossing(
                     state.event_g, h_sg * state.event_dg, g_new, h_sg * dg_new,
                     event.directions,
                 )  # fmt: skip
                 retry = accept & jnp.any(suspect) & ~state.event_retry
-                theta = jnp.clip(jnp.min(theta), 0.05, 0.95).astype(attempt.h.dtype)
+                theta = jnp.min(theta).astype(attempt.h.dtype)
                 accept = accept & ~retry
                 attempt = attempt._replace(
                     h_next=jnp.where(
