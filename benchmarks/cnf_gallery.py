@@ -97,7 +97,7 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
     ]
     for r in rows:
         entropy = f"{r['entropy']:.4f}" + (
-            f" ± {r['entropy_error']:.1g}" if r["entropy_error"] else " (exact)"
+            f" ± {r['entropy_error']:.1g}" if r["entropy_error"] else " (closed form)"
         )
         wall = "" if r["wall_seconds"] is None else f"{r['wall_seconds']:.0f}"
         cells = [

@@ -227,7 +227,7 @@ def test_gallery_table(tmp_path):
     rows.append(cnf_gallery.row("checkerboard", metrics | {"test_nll": 3.6}, None))
     text = cnf_gallery.markdown(rows, "python -m benchmarks.cnf_gallery")
     lines = text.splitlines()
-    assert "| 8gaussians | 2.8400 ± 0.0070 | 2.8316 (exact) | +0.0084" in text
+    assert "| 8gaussians | 2.8400 ± 0.0070 | 2.8316 (closed form) | +0.0084" in text
     assert lines[-1].startswith("| checkerboard | 3.6000") and "| no |" in lines[-1]
     with pytest.raises(SystemExit, match="no finished run at"):
         cnf_gallery.main(["--runs", str(tmp_path), "--no-train"])
@@ -328,3 +328,18 @@ def test_missing_real_data_extra_is_named(tmp_path, monkeypatch, capsys):
     )
     error = _usage_error(["latent", "--out", str(tmp_path / "new")], capsys)
     assert "needs statsmodels: pip install 'neuralode[real-data]'" in error
+
+
+def test_spiral_extrapolation_breakdown():
+    from neuralode.experiments import spiral
+
+    clean = np.zeros((4, 8, 2))
+    clean[..., 0] = np.array([1.0, 1.0, 3.0, 3.0])[:, None]  # radii 1 and 3
+    err = np.zeros((4, 8))
+    err[:, 4:] = np.arange(1, 5)  # growing with the horizon, x and y summed
+    err[2:, 4:] *= 2  # larger on the outer spirals
+    out = spiral._extrapolation_breakdown(err, clean, 4)
+    assert out["test_extrapolation_mse_by_quarter"] == [0.75, 1.5, 2.25, 3.0]
+    assert out["test_extrapolation_mse_outer_half"] == 2.5
+    assert out["test_extrapolation_mse_inner_half"] == 1.25
+    assert out["test_extrapolation_relative_mse"] == pytest.approx(3.75 / 5)
