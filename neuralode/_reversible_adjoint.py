@@ -414,8 +414,9 @@ class ReversibleAdjoint(AbstractAdjoint):
 
     Memory does not grow with the number of steps: the forward pass keeps the
     outputs, the final pair, and each accepted step's end time (max_steps + 1
-    scalars; step sizes are differences of them). The backward pass holds one
-    pair and its adjoints. Step-size decisions are not differentiated.
+    scalars; step sizes are differences of them; the loop's step record also
+    holds three start pairs, unused). The backward pass holds one pair and its
+    adjoints. Step-size decisions are not differentiated.
     Gradients with respect to `ts` use the continuous formula of the other
     adjoints (∂L/∂t_i = ȳ_i·f(t_i, y_i), -a(t_0)·f(t_0, y_0) for t_0).
 
@@ -440,9 +441,9 @@ class ReversibleAdjoint(AbstractAdjoint):
 
     **Arguments:**
 
-    - `coupling`: λ in (0, 1] (default 0.999, the paper's). Smaller λ damps
-      the scheme more and amplifies the reconstruction's rounding errors by
-      λ^{-1} per step.
+    - `coupling`: λ in (0, 1] (default 0.999, the paper's). A smaller λ
+      widens the stable band λ <= |R(hμ)| (more contraction per step) and
+      amplifies the reconstruction's rounding errors by up to 1/λ per step.
 
     Reference: S. McCallum and J. Foster, "Efficient, accurate and stable
     gradients for neural ODEs", arXiv:2410.11648 (2024).
@@ -500,8 +501,8 @@ class ReversibleAdjoint(AbstractAdjoint):
         """The reversible solve of `problem` at the output times `tau`.
 
         **Returns:** the `LoopResult` of the pair (y..., z...): outputs of both,
-        stats, and with `record` the accepted steps' times (its kept states
-        are two pairs, unused).
+        stats, and with `record` the accepted steps' times (its kept states,
+        three pairs, are unused).
         """
         m = len(y0)
         pconfig = self._config(config, m)
