@@ -226,6 +226,30 @@ def target_checks(rows: list[dict]) -> list[dict]:
         growth = long["temp_bytes"] / short["temp_bytes"]
     label = "mem-T100 (backsolve): temp mem ≤ 2× that at T = 1"
     checks.append(_check(label, growth, 2.0, "×"))
+    checks += _reversible_checks(rows)
+    return checks
+
+
+def _reversible_checks(rows: list[dict]) -> list[dict]:
+    """Issue #16's ReversibleAdjoint targets at every horizon: temporary memory
+    ≤ backsolve's, gradient error ≤ checkpoint's, time ≤ 1.3× checkpoint's."""
+    checks = []
+    for problem in ("mem-T1", "mem-T10", "mem-T100"):
+        mine = _find(rows, problem, "neuralode", "reversible", "grad")
+        ok = mine is not None and mine["status"] == "ok"
+        for rival, key, bound, name in (
+            ("backsolve", "temp_bytes", 1.0, "temp mem ≤ backsolve's"),
+            ("checkpoint", "error", 1.0, "grad error ≤ checkpoint's"),
+            ("checkpoint", "time_median_s", 1.3, "time ≤ 1.3× checkpoint's"),
+        ):
+            theirs = _find(rows, problem, "neuralode", rival, "grad")
+            ratio = None
+            if ok and theirs and mine.get(key) is not None and theirs.get(key):
+                ratio = mine[key] / theirs[key]
+            elif mine is not None and mine["status"] == "failed" and key == "error":
+                ratio = float("inf")  # a refused gradient misses the target
+            label = f"{problem} grad (reversible): {name}"
+            checks.append(_check(label, ratio, bound, "×"))
     return checks
 
 
