@@ -190,10 +190,13 @@ def main(argv: list[str] | None = None) -> int:
         path = runs / name / "metrics.json"
         if not path.is_file():
             raise SystemExit(f"cnf_gallery: no finished run at {path}")
+    # Wall times of the runs made earlier are kept next to them.
     walls_file = runs / "walltimes.json"
-    if walls_file.is_file():  # wall times of runs made earlier
+    if walls_file.is_file():
         earlier = json.loads(walls_file.read_text())
         walls = {n: walls.get(n) or earlier.get(n) for n in TOY_2D_NAMES}
+    if any(walls.values()):
+        walls_file.write_text(json.dumps(walls, indent=1) + "\n")
     for name in TOY_2D_NAMES:
         metrics = json.loads((runs / name / "metrics.json").read_text())
         rows.append(row(name, metrics, walls.get(name)))

@@ -100,7 +100,7 @@ def test_dequantize_fills_each_level_bin(key):
 def test_logit_log_det_matches_autodiff(alpha, key):
     x = jr.uniform(key, (3, 64), jnp.float64, 0.01, 0.99)
     _, log_det = logit_transform(x, alpha)
-    jac = jax.vmap(jax.jacfwd(lambda r: logit_transform(r, alpha)[0]))(x)
+    jac = jax.jit(jax.vmap(jax.jacfwd(lambda r: logit_transform(r, alpha)[0])))(x)
     sign, expected = jnp.linalg.slogdet(jac)
     assert jnp.all(sign > 0)
     np.testing.assert_allclose(log_det, expected, rtol=1e-10)
@@ -114,7 +114,7 @@ def test_preprocess_log_det_and_inverse(key):
     prep = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), prep)
     x = dequantize(jr.fold_in(key, 1), images.test[:4]).astype(jnp.float64)
     w, log_det = prep(x)
-    jac = jax.vmap(jax.jacfwd(lambda r: prep(r)[0]))(x)
+    jac = jax.jit(jax.vmap(jax.jacfwd(lambda r: prep(r)[0])))(x)
     np.testing.assert_allclose(log_det, jnp.linalg.slogdet(jac)[1], rtol=1e-5)
     np.testing.assert_allclose(prep.inverse(w), x, atol=1e-5)
 
@@ -182,11 +182,11 @@ def test_latent_view_splits_seen_and_held_out(key):
 
 
 def test_rnn_dt_predicts_from_earlier_weeks_only(key):
-    rnn = latent.RNNDeltaT(8, 8, key=key)
+    rnn = eqx.filter_jit(latent.RNNDeltaT)(8, 8, key=key)
     t = jnp.arange(12, dtype=jnp.float32) * WEEK_IN_YEARS
     y = jr.normal(key, (12,), jnp.float32)
     seen = jnp.arange(12) % 3 != 1
-    jac = jax.jacfwd(lambda y: rnn(t, y, seen))(y)
+    jac = eqx.filter_jit(jax.jacfwd(lambda y, rnn: rnn(t, y, seen)))(y, rnn)
     # Prediction i depends on the seen values before week i, nothing else.
     allowed = np.tril(np.ones((12, 12), bool), -1) & np.asarray(seen)[None, :]
     assert np.all(np.asarray(jac)[~allowed] == 0)
@@ -296,7 +296,7 @@ def test_latent_co2_quick(tmp_path):
     metrics = _main(["latent", "--quick", "--out", str(tmp_path)])
     for name in ("metrics.json", "config.json", "checkpoint.eqx", "co2.png"):
         assert (tmp_path / name).stat().st_size > 0
-    assert metrics["steps"] == 3 and metrics["num_test_windows"] == 2
+    assert metrics["steps"] == 3 and metrics["num_test_windows"] == 1
     for model in ("latent_ode", "rnn_dt", "ets"):
         assert metrics[f"{model}_interpolation_mse"] > 0
         assert metrics[f"{model}_extrapolation_mse"] > 0

@@ -68,7 +68,7 @@ NAME = "cnf"
 HELP = "FFJORD CNF on scikit-learn's 8x8 digits (cnf --data digits)"
 DTYPE = jnp.float32
 DIM = 64
-STEPS = 1500
+STEPS = 4000
 DEFAULTS = {
     "steps": STEPS,
     "width": 256,

@@ -66,14 +66,14 @@ from ._run import (
 NAME = "latent"
 HELP = "latent ODE on the Mauna Loa weekly CO2 record (Rubanova et al. 2019)"
 DTYPE = jnp.float32
-STEPS = 2000
+STEPS = 4000
 QUICK = {
     "steps": 3,
     "batch_size": 4,
     "latent": 3,
     "hidden": 8,
     "width": 8,
-    "num_test": 2,
+    "num_test": 1,
 }
 SEEN_WEEKS = 156  # three years seen (in part) ...
 FORECAST_WEEKS = 52  # ... and one year forecast
@@ -125,7 +125,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--noise",
         type=positive_float,
-        default=0.1,
+        default=0.05,
         help="standard deviation s of the latent ODE's likelihood, in units of 5 ppm",
     )
     add_tolerance_arguments(parser, rtol=1e-3, atol=1e-4)
