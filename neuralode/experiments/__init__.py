@@ -7,6 +7,10 @@ Each experiment module (`spiral`, `digits`, `cnf`, `stiff`, `latent`) has a
 `python -m neuralode <name>` trains it with optax under `eqx.filter_jit`,
 shows a progress bar and writes `metrics.json`, `history.json`, PNG plots and
 a checkpoint into the run directory.
+
+An experiment may also have `variant(args)`, naming the module that runs
+these options: `cnf --data digits` is run by `digits_density`, which shares
+cnf's options and `NAME` but has `DEFAULTS` (and `QUICK`) of its own.
 """
 
 from types import ModuleType
