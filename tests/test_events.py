@@ -439,3 +439,19 @@ def test_solve_hybrid_stops_at_its_last_event_and_refuses_bad_input():
             falling_ball, jnp.ones(2), ts, (GRAVITY, 0.8), event=FALLS,
             reset=None, max_events=2,
         )  # fmt: skip
+
+
+def test_event_benchmark_report_gives_ratios_to_diffrax():
+    from benchmarks import events
+
+    rows = [
+        {"library": "neuralode", "program": "time", "balls": 8, "first_call_s": 1.0,
+         "median_s": 2e-3, "repeats": 5, "error": 1e-14},
+        {"library": "diffrax", "program": "time", "balls": 8, "first_call_s": 4.0,
+         "median_s": 1e-3, "repeats": 5, "error": 1e-15},
+        {"library": "neuralode", "program": "grad-backsolve", "failed": "boom"},
+    ]  # fmt: skip
+    table = events.markdown(rows)
+    assert "| neuralode | time | 8 | 1.00 | 2.00 ms | 2.00 | 0.25 | 1.0e-14 |" in table
+    assert "| neuralode | grad-backsolve | failed |" in table
+    assert events.heights(4).tolist() == [1.0, 4.0, 7.0, 10.0]
