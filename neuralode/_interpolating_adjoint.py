@@ -151,11 +151,20 @@ class InterpolatingAdjoint(AbstractAdjoint):
 
     - `rtol`, `atol`: tolerances of the adjoint solve (default: the forward ones).
     - `checkpoints`: how many forward step start states are kept, at least 2
-      (default 256); None keeps all of them.
+      (default 128); None keeps all of them.
     - `window`: how many forward steps are recomputed and held at a time
-      (default 32; at least the stride the thinned record reaches). The
+      (default 32; raised to the largest stride the thinned record can
+      reach, a power of two up to max_steps/C with C checkpoints). The
       adjoint solve stops at every window boundary, which costs an evaluation
       and a shortened step.
+
+    The backward pass holds C start states and W·(d + 1) recomputed vectors
+    (W the window, d the method's number of interpolation coefficients: 4
+    for Dopri5), besides the adjoint solve's stages. Every step is
+    recomputed once whatever C is, so fewer checkpoints cost no evaluations,
+    only a longer window once the stride outgrows it: the defaults (128, 32)
+    fit `max_steps=4096`, and hold about as many states as
+    `CheckpointAdjoint`'s.
 
     References: Chen, Rubanova, Bettencourt & Duvenaud (2018); Kim, Ji, Deng,
     Ma & Rackauckas (2021), "Stiff neural ordinary differential equations";
@@ -164,7 +173,7 @@ class InterpolatingAdjoint(AbstractAdjoint):
 
     rtol: float | None = None
     atol: float | None = None
-    checkpoints: int | None = eqx.field(default=256, static=True)
+    checkpoints: int | None = eqx.field(default=128, static=True)
     window: int = eqx.field(default=32, static=True)
 
     def __check_init__(self):
