@@ -39,6 +39,10 @@ ROW_KEYS: tuple[str, ...] = (
 #: neuralode's BacksolveAdjoint with backward tolerances 10× the forward ones.
 LOOSE_BACKSOLVE = "backsolve-loose"
 
+#: neuralode's InterpolatingAdjoint with backward tolerances 10× the forward
+#: ones (its z comes from the forward solve, so they bound a's error alone).
+LOOSE_INTERPOLATING = "interpolating-loose"
+
 #: Discretise-then-optimise adjoints: the minimum backward work is one VJP per
 #: forward evaluation (their other backward evaluations are recomputation).
 #: Continuous adjoints need one VJP per backward evaluation.

@@ -6,7 +6,7 @@ from typing import Any
 
 from ..fields import FIELDS
 from ..problems import Problem
-from .common import LOOSE_BACKSOLVE, RunSettings, Skipped
+from .common import LOOSE_BACKSOLVE, LOOSE_INTERPOLATING, RunSettings, Skipped
 from .jax_common import run_jax
 
 _ADJOINTS = {
@@ -78,6 +78,9 @@ def _adjoint(no: Any, variant: str, problem: Problem) -> Any:
         return None
     if variant == LOOSE_BACKSOLVE:
         return no.BacksolveAdjoint(rtol=10 * problem.rtol, atol=10 * problem.atol)
+    if variant == LOOSE_INTERPOLATING:
+        loose = {"rtol": 10 * problem.rtol, "atol": 10 * problem.atol}
+        return no.InterpolatingAdjoint(**loose)
     if variant not in _ADJOINTS:
         raise Skipped(f"unknown neuralode variant {variant!r}")
     name = _ADJOINTS[variant]
