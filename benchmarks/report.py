@@ -8,7 +8,7 @@ from typing import Any
 
 from .problems import GROUP_NOTES
 from .runners import LIBRARY_LABELS
-from .runners.common import LOOSE_BACKSOLVE
+from .runners.common import LOOSE_BACKSOLVE, LOOSE_INTERPOLATING
 
 _COLUMNS = (
     "library",
@@ -227,6 +227,7 @@ def target_checks(rows: list[dict]) -> list[dict]:
     label = "mem-T100 (backsolve): temp mem ≤ 2× that at T = 1"
     checks.append(_check(label, growth, 2.0, "×"))
     checks += _reversible_checks(rows)
+    checks += _interpolating_checks(rows)
     return checks
 
 
@@ -250,6 +251,46 @@ def _reversible_checks(rows: list[dict]) -> list[dict]:
                 ratio = float("inf")  # a refused gradient misses the target
             label = f"{problem} grad (reversible): {name}"
             checks.append(_check(label, ratio, bound, "×"))
+    return checks
+
+
+def _interpolating_checks(rows: list[dict]) -> list[dict]:
+    """Issue #16's InterpolatingAdjoint targets: at every horizon a gradient
+    error ≤ 1e-5 and adjoint-solve evaluations ≤ 1.5× the forward ones and ≤
+    diffrax backsolve's backward ones; at T = 100 a time ≤ 0.8× diffrax
+    backsolve's. The harness counts every evaluation of the gradient call
+    after the forward one, which for this adjoint includes recomputing the
+    forward steps (about the forward's evaluations, plain ones, not VJPs):
+    the adjoint solve's count is taken as NFE bwd - NFE fwd."""
+    checks = []
+    for problem in ("mem-T1", "mem-T10", "mem-T100"):
+        mine = _find(rows, problem, "neuralode", "interpolating", "grad")
+        theirs = _find(rows, problem, "diffrax", "backsolve", "grad")
+        ok = mine is not None and mine["status"] == "ok"
+        label = f"{problem} grad (interpolating)"
+        error = mine.get("error") if ok else None
+        checks.append(_check(f"{label}: grad error ≤ 1e-5", error, 1e-5))
+        fwd, bwd = (mine.get("nfe_fwd"), mine.get("nfe_bwd")) if ok else (0, 0)
+        adjoint = bwd - fwd if fwd and bwd else None
+        name = "adjoint-solve evaluations (NFE bwd − NFE fwd)"
+        ratio = adjoint / fwd if adjoint is not None else None
+        checks.append(_check(f"{label}: {name} ≤ 1.5× NFE fwd", ratio, 1.5, "×"))
+        ratio = None
+        if adjoint is not None and theirs and theirs.get("nfe_bwd"):
+            ratio = adjoint / theirs["nfe_bwd"]
+        checks.append(
+            _check(f"{label}: {name} ≤ diffrax backsolve's NFE bwd", ratio, 1.0, "×")
+        )
+    theirs = _find(rows, "mem-T100", "diffrax", "backsolve", "grad")
+    for variant in ("interpolating", LOOSE_INTERPOLATING):
+        mine = _find(rows, "mem-T100", "neuralode", variant, "grad")
+        ratio, note = None, ""
+        key = "time_median_s"
+        if mine and theirs and mine.get(key) and theirs.get(key):
+            ratio = mine[key] / theirs[key]
+            note = f"error {mine.get('error', float('nan')):.2g}"
+        label = f"mem-T100 grad ({variant}): time ≤ 0.8× diffrax backsolve"
+        checks.append(_check(label, ratio, 0.8, "×", note))
     return checks
 
 
