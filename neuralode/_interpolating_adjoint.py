@@ -150,6 +150,11 @@ class InterpolatingAdjoint(AbstractAdjoint):
     **Arguments:**
 
     - `rtol`, `atol`: tolerances of the adjoint solve (default: the forward ones).
+      They bound a's error; the parameter integral rides along unmeasured, so
+      where a is smooth and the solve takes a few long steps (a short CNF at
+      loose tolerances) tighter ones make the parameter gradient more
+      accurate, and where a is the hard part looser ones cost little accuracy
+      (z does not drift, whatever they are).
     - `checkpoints`: how many forward step start states are kept, at least 2
       (default 128); None keeps all of them.
     - `window`: how many forward steps are recomputed and held at a time
