@@ -42,7 +42,7 @@ adjoints via seminorms"; SciMLSensitivity.jl's `InterpolatingAdjoint` and
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import equinox as eqx
 import jax
@@ -52,7 +52,7 @@ import numpy as np
 from jaxtyping import Array, PyTree
 
 from . import _interpolation as interp
-from ._adjoint import AbstractAdjoint
+from ._adjoint import AbstractAdjoint, stop_time
 from ._adjoint_common import (
     custom_vjp_loop,
     direction_and_tau,
@@ -62,6 +62,7 @@ from ._adjoint_common import (
     primal_solve,
     time_cotangents,
 )
+from ._event import event_function
 from ._failure import checked
 from ._integrate import (
     LoopOptions,
@@ -179,6 +180,7 @@ class InterpolatingAdjoint(AbstractAdjoint):
     rtol: float | None = None
     atol: float | None = None
     checkpoints: int | None = eqx.field(default=128, static=True)
+    supports_events: ClassVar[bool] = True
     window: int = eqx.field(default=32, static=True)
 
     def __check_init__(self):
@@ -241,7 +243,7 @@ class InterpolatingAdjoint(AbstractAdjoint):
             params = eqx.combine(params_arrays, params_static)
             cotangents, bstats, _ = _first_order_only(self.backward)(
                 config, problem, params, direction, tau, ys, record,
-                instantiate(ys_bar), stats.h_last,
+                instantiate(ys_bar), stats.h_last, stop_time(stats, tau),
             )  # fmt: skip
             return checked(
                 config, cotangents, bstats, -direction, direction * tau[-1],
@@ -266,7 +268,8 @@ class InterpolatingAdjoint(AbstractAdjoint):
         """
         f = lambda t, y: problem.f_flat(t, y, params, direction)
         options = LoopOptions(record_steps=True, record_slots=self.checkpoints)
-        ys, stats, record = integrate(config, f, y0, tau, h0, options)
+        event = event_function(problem, params, direction)
+        ys, stats, record = integrate(config, f, y0, tau, h0, options, event)
         return (ys, record), stats
 
     def backward_pass_stats(
@@ -281,7 +284,7 @@ class InterpolatingAdjoint(AbstractAdjoint):
         ys_bar = (cotangent(ys[0]),)
         _, stats, recomputed = self.backward(
             config, problem, params, direction, tau, ys, record, ys_bar,
-            forward.h_last,
+            forward.h_last, stop_time(forward, tau),
         )  # fmt: skip
         return stats, recomputed
 
@@ -296,12 +299,17 @@ class InterpolatingAdjoint(AbstractAdjoint):
         record: StepRecord,
         ys_bar: State,
         h_forward: Array | None = None,
+        t_stop: Array | None = None,
     ) -> tuple[tuple[PyTree, State, Array], LoopStats, Array]:
         """Solve the adjoint system from τ_N back to τ_0 (class doc).
 
         `ys` are the forward outputs at `tau`, `record` the forward steps,
         `ys_bar` the outputs' cotangents and `h_forward` the forward solve's
         last step size (the adjoint solve's first, capped by Hairer's bound).
+        A forward solve stopped by an event at `t_stop` (from τ_0, see
+        `stop_time`) has its outputs after it frozen at the state there:
+        their cotangents join the last output's, and the adjoint solve starts
+        at `t_stop`.
 
         **Returns:** `((params_bar, y0_bar, tau_bar), stats, recomputed)`:
         `params_bar` for the inexact array leaves of `params` (None
@@ -316,6 +324,23 @@ class InterpolatingAdjoint(AbstractAdjoint):
         bconfig = self._backward_config(config, m)
         origin = lax.stop_gradient(tau[0])
         since = lax.stop_gradient(tau - tau[0])  # output times from τ_0
+        last_output = jnp.asarray(tau.shape[0] - 2, jnp.int32)
+        top = since[-1]
+        if t_stop is not None:
+            frozen = since > t_stop
+            extra = tuple(
+                jnp.sum(jnp.where(frozen[:-1, None], b[:-1], 0), axis=0) for b in ys_bar
+            )
+            ys_bar = tuple(
+                jnp.where(frozen[:, None], 0, b).at[-1].set(b[-1] + x)
+                for b, x in zip(ys_bar, extra, strict=True)
+            )
+            stopped = jnp.isfinite(t_stop)
+            # The outputs up to the stop are passed on the way down.
+            last_output = jnp.where(
+                stopped, jnp.sum(~frozen, dtype=jnp.int32) - 1, last_output
+            ).astype(jnp.int32)
+            top = jnp.where(stopped, t_stop, top)
         count, stride = record.count, record.stride
         # Windows start at kept states: `span` steps, a multiple of the stride.
         span = jnp.maximum(width // stride, 1) * stride
@@ -465,9 +490,9 @@ class InterpolatingAdjoint(AbstractAdjoint):
         )
         h_first = jnp.zeros((), tau.dtype) if h_forward is None else h_forward
         init = _Backward(
-            top=since[-1],
+            top=top,
             step=count.astype(jnp.int32),
-            output=jnp.asarray(tau.shape[0] - 2, jnp.int32),
+            output=last_output,
             a=tuple(b[-1] for b in ys_bar),
             g=g_zero,
             h=lax.stop_gradient(jnp.abs(h_first)).astype(tau.dtype),

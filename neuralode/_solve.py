@@ -223,7 +223,8 @@ def _prepare(
         if not adjoint.supports_events:
             raise TypeError(
                 f"neuralode: {type(adjoint).__name__} does not support events; use "
-                "BacksolveAdjoint(), CheckpointAdjoint() or ForwardMode() with event="
+                "BacksolveAdjoint(), CheckpointAdjoint(), InterpolatingAdjoint() or "
+                "ForwardMode() with event="
             )
     problem, params, y0_flat = make_problem(f, y0, ts[0], args, event)
     if solver.adaptive and controller.adaptive:

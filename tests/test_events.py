@@ -37,7 +37,14 @@ FALLS = no.Event(height, direction=-1)
 
 
 @pytest.mark.parametrize(
-    "adjoint", [no.BacksolveAdjoint(), no.CheckpointAdjoint(), no.ForwardMode()]
+    "adjoint",
+    [
+        no.BacksolveAdjoint(),
+        no.CheckpointAdjoint(),
+        no.InterpolatingAdjoint(),
+        no.ForwardMode(),
+    ],
+    ids=lambda a: type(a).__name__,
 )
 def test_impact_time_and_gradients_match_closed_form(adjoint):
     h0, v0 = 2.0, 3.0
@@ -264,7 +271,11 @@ def test_event_gradients_match_finite_differences_on_a_nonlinear_problem():
 
     point = np.array([*VDP_Y0, VDP_MU])
     fd = central_differences(loss, point, 1e-5)
-    for adjoint in (no.BacksolveAdjoint(), no.CheckpointAdjoint()):
+    for adjoint in (
+        no.BacksolveAdjoint(),
+        no.CheckpointAdjoint(),
+        no.InterpolatingAdjoint(),
+    ):
         grads = jax.jit(
             jax.grad(lambda y0, mu: vdp_event(y0, mu, adjoint, **tight), (0, 1))
         )(VDP_Y0, VDP_MU)
@@ -355,6 +366,11 @@ def test_bad_events_are_refused_clearly():
 
     with pytest.raises(TypeError, match="NoEvents does not support events"):
         no.solve(ball, jnp.ones(2), TS, GRAVITY, event=FALLS, adjoint=NoEvents())
+    # The reversible adjoint's own loop has no event stop.
+    with pytest.raises(TypeError, match="ReversibleAdjoint does not support events"):
+        no.solve(
+            ball, jnp.ones(2), TS, GRAVITY, event=FALLS, adjoint=no.ReversibleAdjoint()
+        )
 
 
 # Hybrid systems: a bouncing ball with restitution e.
