@@ -396,7 +396,7 @@ def test_forward_mode_through_a_reverse_rule_says_what_works(adjoint):
         jax.jacfwd(f)(jnp.ones(2))
     with pytest.raises(TypeError, match=r"jax\.jacrev\(jax\.jacrev"):
         jax.hessian(lambda y: jnp.sum(f(y)))(jnp.ones(2))
-    hessian = jax.jacrev(jax.jacrev(lambda y: jnp.sum(f(y) ** 2)))(jnp.ones(2))
+    hessian = jax.jit(jax.jacrev(jax.jacrev(lambda y: jnp.sum(f(y) ** 2))))(jnp.ones(2))
     assert np.allclose(hessian, 2 * np.exp(-2.0) * np.eye(2), rtol=1e-5)
 
 
