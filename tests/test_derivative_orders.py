@@ -101,10 +101,11 @@ def _derivatives(adjoint_name: str, order: int) -> tuple[np.ndarray, np.ndarray]
 #: Hessians of these adjoints (each compiles for 10-30 s): the record that
 #: thins and recomputes stands for CheckpointAdjoint, whose default record
 #: (every step kept) gets its second derivatives in test_adjoint.py.
-# CheckpointAdjoint's second-order rule is checked by test_adjoint's
-# gradient-of-gradient tests (thinned record included); its Hessian here cost
-# 25 s of CI.
-HESSIAN_ADJOINTS = ("BacksolveAdjoint", "ForwardMode")
+# The custom_vjp adjoints' second-order rules are checked by test_adjoint's
+# gradient-of-gradient and second-derivative tests (thinned record included)
+# and test_trust's reverse-over-reverse Hessian; their Hessians here cost
+# 25 s of CI each.
+HESSIAN_ADJOINTS = ("ForwardMode",)
 
 
 def _cases(order: int, input_sets):
