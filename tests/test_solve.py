@@ -344,16 +344,19 @@ def test_chunked_dense_output_under_vmap_and_grad():
     y0s = jnp.array([[1.0, 0.0], [0.5, -1.0]])
     ks = jnp.array([1.0, 4.0])
     ys = jax.jit(jax.vmap(solve))(y0s, ks)
+    single = jax.jit(solve)
     for i in range(2):
-        assert np.allclose(ys[i], solve(y0s[i], ks[i]), rtol=1e-12, atol=1e-12)
-    loss = lambda k: jnp.sum(solve(y0s[0], k)[:, 0] ** 2)
+        assert np.allclose(ys[i], single(y0s[i], ks[i]), rtol=1e-12, atol=1e-12)
+    loss = jax.jit(lambda k: jnp.sum(solve(y0s[0], k)[:, 0] ** 2))
     grad = jax.jit(jax.grad(loss))(ks[0])
     eps = 1e-5
     fd = (loss(ks[0] + eps) - loss(ks[0] - eps)) / (2 * eps)
     assert np.allclose(grad, fd, rtol=1e-5)
-    forward = lambda k: no.odeint(
-        f, y0s[0], ts, k, rtol=1e-8, atol=1e-10, adjoint=no.ForwardMode()
+    forward = jax.jit(
+        lambda k: no.odeint(
+            f, y0s[0], ts, k, rtol=1e-8, atol=1e-10, adjoint=no.ForwardMode()
+        )
     )
-    _, tangent = jax.jvp(forward, (ks[0],), (jnp.ones(()),))
+    _, tangent = jax.jit(lambda k: jax.jvp(forward, (k,), (jnp.ones(()),)))(ks[0])
     fd_ys = (forward(ks[0] + eps) - forward(ks[0] - eps)) / (2 * eps)
     assert np.allclose(tangent, fd_ys, rtol=1e-4, atol=1e-6)
