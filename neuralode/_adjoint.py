@@ -107,6 +107,20 @@ def stop_time(stats: LoopStats, tau: Array) -> Array | None:
     return lax.stop_gradient(jnp.where(stop.hit, stop.t_rel, jnp.inf).astype(tau.dtype))
 
 
+def fold_frozen(ys_bar: State, tau: Array, t_stop: Array) -> tuple[State, Array]:
+    """The outputs' cotangents of a solve stopped by an event at `t_stop` (from
+    τ_0): outputs after it hold the last state, so their cotangents join the
+    last output's and are zeroed. Returns them and the mask of those outputs."""
+    frozen = lax.stop_gradient(tau - tau[0]) > t_stop
+    folded = tuple(
+        jnp.where(frozen[:, None], 0, bar)
+        .at[-1]
+        .set(bar[-1] + jnp.sum(jnp.where(frozen[:-1, None], bar[:-1], 0), axis=0))
+        for bar in ys_bar
+    )
+    return folded, frozen
+
+
 def state_drift(
     z: State, z_stored: State, a: State, a_max: Array, rtol: float, atol: float
 ) -> Array:

@@ -39,7 +39,7 @@ from jax.flatten_util import ravel_pytree
 from jaxtyping import PyTree
 
 from . import _interpolation as interp
-from ._adjoint import AbstractAdjoint, stop_time
+from ._adjoint import AbstractAdjoint, fold_frozen, stop_time
 from ._adjoint_common import (
     custom_vjp_loop,
     direction_and_tau,
@@ -619,15 +619,7 @@ class CheckpointAdjoint(AbstractAdjoint):
         real = jnp.real(ys[0]).dtype
         n_out = tau.shape[0]
         if t_stop is not None:
-            frozen = lax.stop_gradient(tau - tau[0]) > t_stop
-            seed_extra = tuple(
-                jnp.sum(jnp.where(frozen[:-1, None], bar[:-1], 0), axis=0)
-                for bar in ys_bar
-            )
-            ys_bar = tuple(
-                jnp.where(frozen[:, None], 0, bar).at[-1].set(bar[-1] + extra)
-                for bar, extra in zip(ys_bar, seed_extra, strict=True)
-            )
+            ys_bar, frozen = fold_frozen(ys_bar, tau, t_stop)
         times = _step_times(record, tau, t_stop)
         origin = lax.stop_gradient(tau[0])
         solver = config.solver

@@ -52,7 +52,7 @@ import numpy as np
 from jaxtyping import Array, PyTree
 
 from . import _interpolation as interp
-from ._adjoint import AbstractAdjoint, stop_time
+from ._adjoint import AbstractAdjoint, fold_frozen, stop_time
 from ._adjoint_common import (
     custom_vjp_loop,
     direction_and_tau,
@@ -327,14 +327,7 @@ class InterpolatingAdjoint(AbstractAdjoint):
         last_output = jnp.asarray(tau.shape[0] - 2, jnp.int32)
         top = since[-1]
         if t_stop is not None:
-            frozen = since > t_stop
-            extra = tuple(
-                jnp.sum(jnp.where(frozen[:-1, None], b[:-1], 0), axis=0) for b in ys_bar
-            )
-            ys_bar = tuple(
-                jnp.where(frozen[:, None], 0, b).at[-1].set(b[-1] + x)
-                for b, x in zip(ys_bar, extra, strict=True)
-            )
+            ys_bar, frozen = fold_frozen(ys_bar, tau, t_stop)
             stopped = jnp.isfinite(t_stop)
             # The outputs up to the stop are passed on the way down.
             last_output = jnp.where(
