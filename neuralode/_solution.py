@@ -42,6 +42,10 @@ class _Results:
 
 
 RESULTS = _Results()
+"""The status codes of `Solution.result`: `RESULTS.successful` (0),
+`max_steps_reached`, `dt_underflow`, `nonfinite`, `adjoint_drift`,
+`invalid_ts`, `implicit_not_converged`; `RESULTS.message(code)` says what a
+code means."""
 
 
 class Solution(eqx.Module):

@@ -128,3 +128,4 @@ def stiff_system(name: str, *, t1: float | None = None) -> StiffSystem:
 
 
 STIFF_SYSTEM_NAMES = ("robertson", "van_der_pol", "hires", "orego")
+"""The names that `stiff_system` accepts."""
