@@ -3,7 +3,8 @@
 Two ways to solve a sharded batch: one ODE over the whole batch with a shared
 step size (`jax.jit` on arrays placed by `shard_batch`; the error norm becomes
 an all-reduce), or one ODE per sample (`sharded_vmap`, each device looping over
-its own samples). The README's section on many devices shows both in use.
+its own samples). The documentation's page on many devices (docs/devices.md)
+shows both in use.
 """
 
 from ._sharding import (
