@@ -47,7 +47,26 @@ from ._solvers import (
 from ._tableaus import ButcherTableau as ButcherTableau
 from .cnf import CNF as CNF
 
+
+def _source_version() -> str:
+    """The version in the pyproject.toml of a source checkout that is not
+    installed (only on `sys.path`), or "0+unknown" without one."""
+    import re
+    from pathlib import Path
+
+    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    try:
+        text = pyproject.read_text(encoding="utf-8")
+    except OSError:
+        return "0+unknown"
+    project = re.search(r"^\[project\]$(.*?)(?=^\[|\Z)", text, re.M | re.S)
+    if project is None or not re.search(r'^name = "neuralode"$', project[1], re.M):
+        return "0+unknown"
+    version = re.search(r'^version = "([^"]+)"$', project[1], re.M)
+    return version[1] if version else "0+unknown"
+
+
 try:
     __version__ = importlib.metadata.version("neuralode")
 except importlib.metadata.PackageNotFoundError:  # a source checkout, not installed
-    __version__ = "0+unknown"
+    __version__ = _source_version()
