@@ -7,6 +7,7 @@ from typing import Any, final
 
 import equinox as eqx
 import jax
+import jax.core
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, PyTree
@@ -236,9 +237,7 @@ class NeuralODE(eqx.Module):
         The `Solution(ts, ys, stats, result)` of `neuralode.solve`.
         """
         y0 = self._prepare(y0)
-        if ts is None:
-            ts = [self.t0, self.t1]
-        ts = jnp.asarray(ts, _float_dtype(y0))
+        ts = jnp.asarray([self.t0, self.t1] if ts is None else ts, _float_dtype(y0))
         return solve(self.field, y0, ts, args, throw=throw, **self._kwargs())
 
     def project(self, y: Float[Array, "... d_aug"]) -> Float[Array, "... d"]:

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.core
 import jax.lax as lax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, PyTree

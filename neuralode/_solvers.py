@@ -263,7 +263,7 @@ class AbstractExplicitRungeKutta(AbstractSolver):
         pair = self._stiffness_pair(y, h_y, stages, y1, f1)
         if not dense:
             return StepResult(y1, y_error, f1, None, pair)
-        dense = []
+        coefficients = []
         for i, leaf in enumerate(y):
             if self.interpolation == "polynomial":
                 coeffs = interp.polynomial_coefficients(
@@ -273,9 +273,8 @@ class AbstractExplicitRungeKutta(AbstractSolver):
                 coeffs = interp.hermite_coefficients(leaf, y1[i], f0[i], f1[i], h_y)
             else:
                 coeffs = interp.linear_coefficients(leaf, y1[i])
-            dense.append(coeffs)
-        dense = tuple(dense)
-        return StepResult(y1, y_error, f1, dense, pair)
+            coefficients.append(coeffs)
+        return StepResult(y1, y_error, f1, tuple(coefficients), pair)
 
     @property
     def stiffness_stage(self) -> int | None:

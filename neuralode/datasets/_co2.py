@@ -17,7 +17,7 @@ of latent ODEs for irregularly sampled series (Rubanova, Chen, Duvenaud 2019).
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from jaxtyping import Bool, Float, Int
@@ -48,7 +48,7 @@ def _load() -> CO2Series:
             "data): pip install 'neuralode[experiments]'"
         ) from e
 
-    frame = co2.load_pandas().data
+    frame: Any = co2.load_pandas().data  # a pandas DataFrame
     dates = frame.index
     start = np.datetime64(f"{dates[0].year}-01-01")
     days = (dates.values.astype("datetime64[D]") - start).astype(np.float64)

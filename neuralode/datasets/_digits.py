@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from jaxtyping import Float32, Int32
@@ -34,7 +34,7 @@ def _load() -> tuple[np.ndarray, np.ndarray]:
             "pip install 'neuralode[experiments]'"
         ) from e
 
-    data = load_digits()
+    data: Any = load_digits()  # a Bunch (return_X_y=False)
     x = (np.asarray(data.data, np.float64) / 16.0).astype(np.float32)
     y = np.asarray(data.target).astype(np.int32)
     x.flags.writeable = False

@@ -95,7 +95,8 @@ def _describe(array: Any) -> str:
 
 def _root_cause(e: BaseException) -> tuple[BaseException, str]:
     """The error under equinox's per-leaf wrappers, and the leaf's path."""
-    path = jtu.keystr(e.path) if isinstance(getattr(e, "path", None), tuple) else ""
+    leaf_path = getattr(e, "path", None)
+    path = jtu.keystr(leaf_path) if isinstance(leaf_path, tuple) else ""
     while e.__cause__ is not None and isinstance(e, RuntimeError):
         e = e.__cause__
     return e, path

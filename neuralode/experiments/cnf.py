@@ -183,7 +183,7 @@ def make_flow(args: argparse.Namespace, key: PRNGKeyArray) -> no.CNF:
 def _flow_fevals(flow: no.CNF, z0: Array) -> tuple[Array, Array]:
     """Function evaluations of the sampling ODE dz/dt = f and of its adjoint."""
     ts = jnp.asarray([flow.t0, flow.t1], DTYPE)
-    kw = dict(solver=flow.solver, rtol=flow.rtol, atol=flow.atol)
+    kw: dict[str, Any] = dict(solver=flow.solver, rtol=flow.rtol, atol=flow.atol)
     fwd = no.solve(flow.field, z0, ts, **kw).stats["num_fevals"]
     bwd = no.backward_stats(flow.field, z0, ts, adjoint=flow.adjoint, **kw)
     return fwd, bwd["num_fevals"]
