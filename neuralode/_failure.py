@@ -170,6 +170,17 @@ def failure_message(failure: Failure, max_steps: int, solver_name: str,
             "discrete solve, in bounded memory), or give BacksolveAdjoint more "
             "checkpoints (checkpoints=...) and tighter backward tolerances."
         )
+    elif code == RESULTS.reversible_unstable:
+        return (
+            "neuralode: ReversibleAdjoint's reversible scheme was unstable on this "
+            f"problem: its two coupled states ended {f.drift:.3g} times the "
+            "tolerance apart, so the solution (and its gradient) missed the "
+            "tolerance. The scheme's spurious mode grows by coupling/|R(hμ)| per "
+            "step wherever a step contracts by more than the coupling (a "
+            "contracting or stiff flow). Use adjoint=neuralode.CheckpointAdjoint() "
+            "(the exact gradient of the plain discrete solve, in bounded memory) "
+            "or neuralode.InterpolatingAdjoint()."
+        )
     elif code == RESULTS.implicit_not_converged:
         head = (
             f"neuralode: the Newton iterations of the implicit stages did not "

@@ -54,6 +54,7 @@ from ._adjoint_common import (
 )
 from ._failure import SolveError, solve_error_from, tie
 from ._integrate import LoopOptions, SolverConfig, integrate
+from ._solution import RESULTS
 from ._solvers import AbstractExplicitRungeKutta, AbstractSolver, StepResult
 from ._state import FlatField, State
 
@@ -161,8 +162,8 @@ class _Stepper(eqx.Module):
     problem: Any = eqx.field(static=True)
     base: Any = eqx.field(static=True)
     coupling: float = eqx.field(static=True)
-    # (rtol, atol) of the solve, to measure the gap y - z in.
-    tolerances: tuple[float, float] = eqx.field(static=True)
+    # The units of the gap y - z.
+    tolerances: GapScale = eqx.field(static=True)
     # (θ, arrays) -> the problem's parameters.
     params: Callable = eqx.field(static=True)
     arrays: PyTree
@@ -201,15 +202,31 @@ def _weighted_rms(x: State, scale: State, rtol: float, atol: float) -> Array:
     return jnp.sqrt(sum(squares) / sum(a.size for a in x))
 
 
-def _gap(y: State, z: State, tolerances: tuple[float, float]) -> Array:
-    """‖y - z‖ in units of the tolerance: the amplitude of the scheme's
-    spurious mode (0 for the exact flow; a local error's worth where stable)."""
-    rtol, atol = tolerances
+class GapScale(NamedTuple):
+    """The units of the gap ‖y - z‖: the solve's tolerances componentwise
+    (adaptive steps), or with `normwise` a relative tolerance on the whole
+    state, ‖y - z‖ / (rtol·max(‖y‖, ‖z‖) + atol) (fixed steps)."""
+
+    rtol: float
+    atol: float
+    normwise: bool = False
+
+
+def _rms(x: State) -> Array:
+    return jnp.sqrt(sum(jnp.sum(jnp.abs(a) ** 2) for a in x) / sum(a.size for a in x))
+
+
+def _gap(y: State, z: State, units: GapScale) -> Array:
+    """‖y - z‖ in `units`: the amplitude of the scheme's spurious mode (0 for
+    the exact flow; a local error's worth where stable)."""
+    difference = tuple(a - b for a, b in zip(y, z, strict=True))
+    if units.normwise:
+        size = jnp.maximum(_rms(y), _rms(z))
+        return _rms(difference) / (units.rtol * size + units.atol)
     scale = tuple(
         jnp.maximum(jnp.abs(a), jnp.abs(b)) for a, b in zip(y, z, strict=True)
     )
-    difference = tuple(a - b for a, b in zip(y, z, strict=True))
-    return _weighted_rms(difference, scale, rtol, atol)
+    return _weighted_rms(difference, scale, units.rtol, units.atol)
 
 
 class _Outputs(NamedTuple):
@@ -352,6 +369,41 @@ class ReversibleGradient(NamedTuple):
 #: pair that the backward pass rebuilt before the gradient is refused.
 MAX_DRIFT = 1000.0
 
+#: The largest gap ‖y - z‖ between the coupled states, in units of the
+#: tolerance, before the solve is declared unstable. Where the scheme is
+#: stable the gap stays about one local error (≲ 2 in these units on every
+#: test problem); where its spurious mode grows it reaches 10³–10⁵ within a
+#: few dozen steps, and y has missed its tolerance by orders of magnitude.
+MAX_GAP = 100.0
+
+#: Fixed steps have no tolerance to hold the gap to: it is measured
+#: normwise in units of this relative tolerance (`GapScale`), so that a solve
+#: is refused where y and z differ by more than 10% of their size (a spurious
+#: mode that has blown up).
+FIXED_STEP_GAP_RTOL = 1e-3
+
+
+def gap_tolerances(config: SolverConfig) -> GapScale:
+    """The units in which the gap of `config`'s solve is measured."""
+    if config.adaptive:
+        return GapScale(config.rtol, config.atol)
+    return GapScale(FIXED_STEP_GAP_RTOL, config.atol, normwise=True)
+
+
+def flag_unstable(ys: State, stats, m: int, tolerances: GapScale):
+    """The outputs of y and the stats of a pair solve whose outputs `ys` hold
+    (y..., z...): where the final gap exceeds `MAX_GAP` (and the solve had
+    not failed otherwise) the result becomes `RESULTS.reversible_unstable`,
+    `stats.drift` the gap, and every output NaN."""
+    last = lambda leaves: tuple(leaf[-1] for leaf in leaves)
+    gap = lax.stop_gradient(_gap(last(ys[:m]), last(ys[m:]), tolerances))
+    unstable = (stats.result == RESULTS.successful) & ~(gap <= MAX_GAP)
+    result = jnp.where(unstable, RESULTS.reversible_unstable, stats.result)
+    stats = stats._replace(result=result.astype(stats.result.dtype), drift=gap)
+    nan = lambda x: jnp.where(unstable, jnp.nan, x).astype(x.dtype)
+    return tuple(nan(leaf) for leaf in ys[:m]), stats
+
+
 _ADVICE = (
     " Use adjoint=neuralode.CheckpointAdjoint() (the exact gradient of the "
     "plain discrete solve, in bounded memory), or a smaller coupling "
@@ -366,21 +418,34 @@ _DRIFT = (
 )
 
 
-def _raise_drift(drifted: np.ndarray) -> np.ndarray:
-    if np.any(drifted):
+_GAP = (
+    "neuralode: ReversibleAdjoint refused the gradient: the reversible scheme's "
+    "two coupled states drifted more than "
+    f"{MAX_GAP:g} times the tolerance apart during the solve, so the solution "
+    "it differentiates missed its tolerance. Its spurious mode grows by "
+    "coupling/|R(hμ)| per step where a step contracts by more than the coupling "
+    "(a contracting or stiff flow)." + _ADVICE
+)
+
+
+def _raise_lost(code: np.ndarray) -> np.ndarray:
+    if np.any(code == 1):
         raise SolveError(_DRIFT)
-    return np.zeros(np.shape(drifted), np.int32)
+    if np.any(code == 2):
+        raise SolveError(_GAP)
+    return np.zeros(np.shape(code), np.int32)
 
 
-def _drift_check(drifted: Array) -> Array:
+def _lost_check(code: Array) -> Array:
     """A zero to `tie` into the gradient, from a host check that raises
-    `SolveError` when `drifted` (run only then, as the solves' own checks)."""
+    `SolveError` when `code` is 1 (drift) or 2 (gap); run only then, as the
+    solves' own checks."""
     shape = jax.ShapeDtypeStruct((), jnp.int32)
     call = lambda: jax.pure_callback(
-        _raise_drift, shape, drifted, vmap_method="broadcast_all"
+        _raise_lost, shape, code, vmap_method="broadcast_all"
     )
     try:
-        return lax.cond(drifted, call, lambda: jnp.zeros((), jnp.int32))
+        return lax.cond(code > 0, call, lambda: jnp.zeros((), jnp.int32))
     except jax.errors.JaxRuntimeError as error:
         # Evaluated eagerly the check runs on the spot: raise it as itself.
         found = solve_error_from(error)
@@ -391,11 +456,14 @@ def _drift_check(drifted: Array) -> Array:
 
 def _refused_if_lost(config: SolverConfig, cotangents, result: ReversibleGradient):
     """The cotangents, or where the rebuilt initial pair drifted from y0 by
-    more than `MAX_DRIFT`, a `SolveError` (with `config.throw`) or NaN."""
+    more than `MAX_DRIFT` or the rebuilt pairs' gap exceeded `MAX_GAP`, a
+    `SolveError` (with `config.throw`) or NaN."""
     drifted = ~(result.drift <= MAX_DRIFT)
+    split = ~(result.gap <= MAX_GAP)
+    code = jnp.where(drifted, 1, jnp.where(split, 2, 0)).astype(jnp.int32)
     if config.throw:
-        return tie(cotangents, _drift_check(drifted))
-    return jax.tree.map(lambda x: jnp.where(drifted, jnp.nan, x), cotangents)
+        return tie(cotangents, _lost_check(code))
+    return jax.tree.map(lambda x: jnp.where(code > 0, jnp.nan, x), cotangents)
 
 
 class ReversibleAdjoint(AbstractAdjoint):
@@ -424,15 +492,22 @@ class ReversibleAdjoint(AbstractAdjoint):
     λ <= |R(hμ)| <= 1 (R the base method's stability function, μ an
     eigenvalue of ∂f/∂y): the pair map has determinant λ per mode, so where a
     step contracts by more than λ its spurious mode y - z grows by λ/|R(hμ)|
-    per step, which the error estimate does not see. Dynamics that neither
-    contract nor expand much per step (oscillations, conservative and chaotic
-    systems, the paper's use) suit it; on a strongly contracting flow the
-    forward solution can miss its tolerance and the gradient follows it (use
-    `CheckpointAdjoint` there). Run backwards, a contracting flow expands, so
-    rounding errors in the rebuilt states grow by up to 1/|R(hμ)| per step;
-    when the rebuilt y0 is off by more than `MAX_DRIFT` tolerances the
-    gradient is refused (`SolveError`, or NaN with `throw=False`) instead of
-    returned wrong.
+    per step, which the base method's error estimate does not see. Dynamics
+    that neither contract nor expand much per step (oscillations,
+    conservative and chaotic systems, the paper's use) suit it. On a
+    contracting flow (h·μ below log λ ≈ -0.001 at the default) pick a smaller
+    coupling (0.5 holds down to |R| = 0.5) or another adjoint. Both failure
+    modes are caught, never returned as numbers:
+
+    - the forward solve measures the final gap ‖y - z‖ (in units of the
+      tolerance; with fixed steps relative to the state's norm, where only a
+      gap above 10% is caught) and, above `MAX_GAP`, fails with
+      `RESULTS.reversible_unstable` (`SolveError`, or NaN outputs with
+      `throw=False`);
+    - run backwards a contracting flow expands, so rounding errors in the
+      rebuilt states grow by up to 1/|R(hμ)| (and 1/λ) per step; when the
+      rebuilt y0 is off by more than `MAX_DRIFT` tolerances, or a rebuilt
+      pair's gap exceeds `MAX_GAP`, the gradient is refused the same way.
 
     First derivatives only: gradients of gradients raise a `TypeError` (use
     `CheckpointAdjoint`), and, a `custom_vjp`, it blocks forward mode (use
@@ -517,8 +592,10 @@ class ReversibleAdjoint(AbstractAdjoint):
             config, problem, params, direction, y0, tau, h0, record=True
         )
         last = lambda leaves: tuple(leaf[-1] for leaf in leaves)
+        ys_y, stats = flag_unstable(ys, stats, m, gap_tolerances(config))
+        assert record is not None  # record=True
         kept = ReversibleRecord(
-            ys[:m], last(ys[:m]), last(ys[m:]), record.times, record.count
+            ys_y, last(ys[:m]), last(ys[m:]), record.times, record.count
         )
         return kept, stats
 
@@ -546,7 +623,7 @@ class ReversibleAdjoint(AbstractAdjoint):
             problem,
             config.solver,
             float(self.coupling),
-            (config.rtol, config.atol),
+            gap_tolerances(config),
             lambda theta, arrays: eqx.combine(theta, arrays, fixed_static),
             fixed_arrays,
             direction,
@@ -602,7 +679,7 @@ class ReversibleAdjoint(AbstractAdjoint):
             ys, stats = self.solve_pair(
                 config, problem, params, direction, y0, tau, h0
             )[:2]
-            return ys[:m], stats
+            return flag_unstable(ys, stats, m, gap_tolerances(config))
 
         def forward(params_arrays, y0, tau, direction, h0):
             params = eqx.combine(params_arrays, params_static)

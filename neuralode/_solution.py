@@ -22,6 +22,7 @@ class _Results:
     adjoint_drift: ClassVar[int] = 4
     invalid_ts: ClassVar[int] = 5
     implicit_not_converged: ClassVar[int] = 6
+    reversible_unstable: ClassVar[int] = 7
 
     _messages: ClassVar[dict[int, str]] = {
         0: "successful",
@@ -31,6 +32,8 @@ class _Results:
         4: "the backward solve of BacksolveAdjoint lost the forward solution",
         5: "ts not finite and strictly monotonic (checked at run time)",
         6: "the implicit solver's Newton iterations did not converge",
+        7: "the reversible scheme of ReversibleAdjoint was unstable (its two "
+        "states drifted apart)",
     }
 
     def message(self, code: int) -> str:
@@ -44,8 +47,8 @@ class _Results:
 RESULTS = _Results()
 """The status codes of `Solution.result`: `RESULTS.successful` (0),
 `max_steps_reached`, `dt_underflow`, `nonfinite`, `adjoint_drift`,
-`invalid_ts`, `implicit_not_converged`; `RESULTS.message(code)` says what a
-code means."""
+`invalid_ts`, `implicit_not_converged`, `reversible_unstable`;
+`RESULTS.message(code)` says what a code means."""
 
 
 class Solution(eqx.Module):

@@ -249,18 +249,59 @@ def test_neural_ode_and_cnf_accept_it(kind):
     assert abs(exact - fd) <= 1e-8 * max(1.0, abs(exact)), (exact, fd)
 
 
+def _contracting(k, coupling, horizon=10.0, throw=True):
+    """A flow contracting at rate k over t ∈ [0, horizon]."""
+    return no.solve(
+        lambda t, y, k: -k * y + 0.1 * jnp.sin(y), jnp.array([1.0, -2.0]),
+        jnp.array([0.0, horizon]), k, throw=throw,
+        adjoint=no.ReversibleAdjoint(coupling=coupling),
+    )  # fmt: skip
+
+
+def test_unstable_solve_is_refused():
+    """At rate 3 every step contracts by far more than the coupling 0.999: the
+    scheme's spurious mode grows and y misses its tolerance by orders of
+    magnitude. The solve raises, or with throw=False returns NaN and its code,
+    instead of a wrong number (and so does its gradient)."""
+    loss = lambda k: jnp.sum(_contracting(k, 0.999).ys[-1] ** 2)
+    with pytest.raises(no.SolveError, match="reversible scheme was unstable"):
+        with no.reraise_failures():
+            jax.jit(jax.grad(loss))(3.0)
+    sol = jax.jit(lambda k: _contracting(k, 0.999, throw=False))(3.0)
+    assert int(sol.result) == no.RESULTS.reversible_unstable
+    assert bool(jnp.all(jnp.isnan(sol.ys[-1])))
+
+
+def test_smaller_coupling_makes_a_contracting_flow_stable():
+    """Rate 1 over [0, 10]: unstable at coupling 0.999, accurate at 0.5 (the
+    stable band λ <= |R(hμ)| widens), where the gradient agrees with
+    CheckpointAdjoint's to the tolerance's order."""
+
+    def grad(adjoint):
+        def loss(k):
+            ys = no.odeint(
+                lambda t, y, k: -k * (y - 0.5) + 0.3 * jnp.sin(y[::-1]),
+                jnp.array([2.0, 1.0]), jnp.linspace(0.0, 10.0, 5), k,
+                adjoint=adjoint, rtol=1e-6, atol=1e-6,
+            )  # fmt: skip
+            return jnp.sum(ys**2 + ys)
+
+        with no.reraise_failures():
+            return float(jax.jit(jax.grad(loss))(1.0))
+
+    expected = grad(no.CheckpointAdjoint())
+    with pytest.raises(no.SolveError, match="reversible scheme was unstable"):
+        grad(no.ReversibleAdjoint())
+    assert abs(grad(no.ReversibleAdjoint(coupling=0.5)) - expected) <= 1e-4 * abs(
+        expected
+    )
+
+
 def test_gradient_is_refused_where_the_rebuilding_fails():
-    """A flow contracting at rate 3 over t ∈ [0, 10]: run backwards, the
-    rebuilding amplifies rounding errors by e^30, so the gradient is refused
-    instead of returned wrong."""
-
-    def loss(k):
-        ys = no.odeint(
-            lambda t, y, k: -k * y + 0.1 * jnp.sin(y), jnp.array([1.0, -2.0]),
-            jnp.array([0.0, 10.0]), k, adjoint=no.ReversibleAdjoint(),
-        )  # fmt: skip
-        return jnp.sum(ys[-1] ** 2)
-
+    """Rate 3 at coupling 0.3: the forward solve is stable, but run backwards
+    the rebuilding amplifies rounding errors by up to 1/λ per step, so the
+    gradient is refused instead of returned wrong."""
+    loss = lambda k: jnp.sum(_contracting(k, 0.3).ys[-1] ** 2)
     with pytest.raises(no.SolveError, match="did not rebuild y0"):
         with no.reraise_failures():
             jax.jit(jax.grad(loss))(3.0)
