@@ -43,6 +43,10 @@ LOOSE_BACKSOLVE = "backsolve-loose"
 #: ones (its z comes from the forward solve, so they bound a's error alone).
 LOOSE_INTERPOLATING = "interpolating-loose"
 
+#: neuralode's ReversibleAdjoint with coupling 0.5: stable on a flow whose
+#: steps contract by up to half (the default 0.999 is not, and refuses).
+REVERSIBLE_HALF = "reversible-0.5"
+
 #: Discretise-then-optimise adjoints: the minimum backward work is one VJP per
 #: forward evaluation (their other backward evaluations are recomputation).
 #: Continuous adjoints need one VJP per backward evaluation.

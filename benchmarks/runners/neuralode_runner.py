@@ -6,7 +6,13 @@ from typing import Any
 
 from ..fields import FIELDS
 from ..problems import Problem
-from .common import LOOSE_BACKSOLVE, LOOSE_INTERPOLATING, RunSettings, Skipped
+from .common import (
+    LOOSE_BACKSOLVE,
+    LOOSE_INTERPOLATING,
+    REVERSIBLE_HALF,
+    RunSettings,
+    Skipped,
+)
 from .jax_common import run_jax
 
 _ADJOINTS = {
@@ -81,6 +87,8 @@ def _adjoint(no: Any, variant: str, problem: Problem) -> Any:
     if variant == LOOSE_INTERPOLATING:
         loose = {"rtol": 10 * problem.rtol, "atol": 10 * problem.atol}
         return no.InterpolatingAdjoint(**loose)
+    if variant == REVERSIBLE_HALF:
+        return no.ReversibleAdjoint(coupling=0.5)
     if variant not in _ADJOINTS:
         raise Skipped(f"unknown neuralode variant {variant!r}")
     name = _ADJOINTS[variant]
