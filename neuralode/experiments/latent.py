@@ -48,11 +48,11 @@ import numpy as np
 import optax
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
-import neuralode as no
 from neuralode.datasets import CO2Windows, co2_windows, mauna_loa_co2, week_of_year
 
 from ._checkpoint import TrainState
 from ._density_baselines import require
+from ._latent_model import LatentODEBase
 from ._output import UsageError
 from ._plotting import new_figure, plot_loss, save_figure
 from ._run import (
@@ -188,33 +188,14 @@ def view(
     return Windows(y, seen, measured & ~seen, offset)
 
 
-class LatentODE(eqx.Module):
+class LatentODE(LatentODEBase):
     """Backward GRU encoder over the seen weeks → latent `NeuralODE` → decoder."""
 
-    cell: eqx.nn.GRUCell
-    to_posterior: eqx.nn.Linear
-    ode: no.NeuralODE
-    decoder: eqx.nn.MLP
-    latent: int = eqx.field(static=True)
+    INPUTS = 2  # a seen week's value and the time to the next seen week
+    OUTPUTS = 1
 
     def __init__(self, latent, hidden, width, *, rtol, atol, key):
-        k1, k2, k3, k4 = jr.split(key, 4)
-        self.latent = latent
-        self.cell = eqx.nn.GRUCell(2, hidden, key=k1, dtype=DTYPE)
-        self.to_posterior = eqx.nn.Linear(hidden, 2 * latent, key=k2, dtype=DTYPE)
-        field = no.nn.MLPField(
-            latent,
-            width,
-            2,
-            key=k3,
-            time_dependent=False,
-            activation=jax.nn.elu,
-            dtype=DTYPE,
-        )
-        self.ode = no.NeuralODE(field, rtol=rtol, atol=atol)
-        self.decoder = eqx.nn.MLP(
-            latent, 1, width, 1, activation=jax.nn.elu, key=k4, dtype=DTYPE
-        )
+        super().__init__(latent, hidden, width, rtol=rtol, atol=atol, key=key)
 
     def encode(self, t, y, seen) -> tuple[Array, Array]:
         """Mean and log-variance of q(z0) from one window's seen weeks."""
@@ -229,13 +210,11 @@ class LatentODE(eqx.Module):
         h0 = jnp.zeros(self.cell.hidden_size, DTYPE)
         carry0 = (h0, jnp.asarray(jnp.inf, DTYPE))
         (h, _), _ = jax.lax.scan(scan_fn, carry0, (t, y, seen), reverse=True)
-        out = self.to_posterior(h)
-        return out[: self.latent], out[self.latent :]
+        return self.posterior(h)
 
     def decode(self, z0: Float[Array, "B L"], t: Float[Array, " W"]) -> Array:
         """Decoded values at every time of `t` for a batch of z0: (B, W)."""
-        zs = self.ode.trajectory(z0, t)  # (W, B, L), the batch as one ODE
-        return jax.vmap(jax.vmap(self.decoder))(jnp.swapaxes(zs, 0, 1))[..., 0]
+        return self.decoded(z0, t)[..., 0]
 
 
 class RNNDeltaT(eqx.Module):

@@ -36,6 +36,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 import neuralode as no
 
 from ._checkpoint import TrainState
+from ._latent_model import LatentODEBase
 from ._output import UsageError
 from ._plotting import new_figure, plot_loss, save_figure
 from ._run import (
@@ -95,42 +96,14 @@ def make_data(
     return Observations(np.asarray(data.ts_grid), idx, ys, np.asarray(data.ys_grid))
 
 
-class LatentODE(eqx.Module):
+class LatentODE(LatentODEBase):
     """GRU encoder (backward in time) → latent `NeuralODE` → MLP decoder."""
 
-    cell: eqx.nn.GRUCell
-    to_posterior: eqx.nn.Linear
-    ode: no.NeuralODE
-    decoder: eqx.nn.MLP
-    latent: int = eqx.field(static=True)
+    INPUTS = 3  # an observation (x, y) and the time to the next one
+    OUTPUTS = 2
 
-    def __init__(
-        self,
-        latent: int,
-        hidden: int,
-        width: int,
-        *,
-        rtol: float,
-        atol: float,
-        key: PRNGKeyArray,
-    ):
-        k1, k2, k3, k4 = jr.split(key, 4)
-        self.latent = latent
-        self.cell = eqx.nn.GRUCell(3, hidden, key=k1, dtype=DTYPE)
-        self.to_posterior = eqx.nn.Linear(hidden, 2 * latent, key=k2, dtype=DTYPE)
-        field = no.nn.MLPField(
-            latent,
-            width,
-            2,
-            key=k3,
-            time_dependent=False,
-            activation=jax.nn.elu,
-            dtype=DTYPE,
-        )
-        self.ode = no.NeuralODE(field, rtol=rtol, atol=atol)
-        self.decoder = eqx.nn.MLP(
-            latent, 2, width, 1, activation=jax.nn.elu, key=k4, dtype=DTYPE
-        )
+    def __init__(self, latent, hidden, width, *, rtol, atol, key):
+        super().__init__(latent, hidden, width, rtol=rtol, atol=atol, key=key)
 
     def encode(
         self, ts: Float[Array, " P"], ys: Float[Array, "P 2"]
@@ -144,13 +117,11 @@ class LatentODE(eqx.Module):
 
         h0 = jnp.zeros(self.cell.hidden_size, DTYPE)
         h, _ = jax.lax.scan(scan_fn, h0, inputs)
-        out = self.to_posterior(h)
-        return out[: self.latent], out[self.latent :]
+        return self.posterior(h)
 
     def decode_path(self, z0: Float[Array, "B L"], ts: Float[Array, " T"]) -> Array:
         """Decoded means at every time of `ts` for a batch of z0: (B, T, 2)."""
-        zs = self.ode.trajectory(z0, ts)  # (T, B, L), the batch as one ODE
-        return jax.vmap(jax.vmap(self.decoder))(jnp.swapaxes(zs, 0, 1))
+        return self.decoded(z0, ts)
 
 
 def _elbo(model: LatentODE, ts, idx, ys, noise: float, key) -> tuple[Array, Array]:
