@@ -3,18 +3,55 @@ with each step's interpolation data, and the chunked loop for small states."""
 
 from __future__ import annotations
 
+from typing import Protocol, TypeVar
+
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
 from jaxtyping import Array
 
 from . import _interpolation as interp
-from ._packed_loop import S, packed_while_loop
+from ._packed_loop import LoopState, packed_while_loop
 from ._state import State
+
+Slots = tuple[tuple[Array, ...], ...]
+"""Each leaf's slot buffers: its value and interpolation coefficients."""
+
+Buffers = tuple[Slots, Array, "Array | None"]
+"""The slots, slot times and (if recorded) output steps of a loop."""
+
+
+class OutputState(LoopState, Protocol):
+    """What the dense output reads of a loop state, besides its buffers."""
+
+    @property
+    def out_index(self) -> Array: ...
+
+
+class ChunkedState(OutputState, Protocol):
+    """A loop state with slot buffers, as `chunked_loop` steps it."""
+
+    @property
+    def slots(self) -> Slots: ...
+
+    @property
+    def slot_times(self) -> Array: ...
+
+    @property
+    def out_steps(self) -> Array | None: ...
+
+
+C = TypeVar("C", bound=ChunkedState)
 
 
 def read_outputs(
-    final, slots, slot_times, out_steps, tau_out, t0, y0
+    final: OutputState,
+    slots: Slots,
+    slot_times: Array,
+    out_steps: Array | None,
+    tau_out: Array,
+    t0: Array,
+    y0: State,
 ) -> tuple[State, Array | None]:
     """Evaluate each output from the slot of the step that covered it.
 
@@ -69,7 +106,9 @@ def output_chunk(y0: State, n_out: int, dense_output: bool, record_steps: bool):
     return chunk
 
 
-def chunked_loop(running, body, init: S, tau_out, chunk: int):
+def chunked_loop(
+    running, body, init: C, tau_out: Array, chunk: int
+) -> tuple[C, Buffers]:
     """The step loop in chunks of `chunk` outputs: an inner loop steps until
     every slot of its chunk is covered, an outer one stores each chunk.
 

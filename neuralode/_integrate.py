@@ -15,7 +15,7 @@ is `_step_record`.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
@@ -40,7 +40,7 @@ from ._event import EventFunction, EventStop, crossed, hidden_crossing
 from ._packed_loop import packed_while_loop
 from ._solution import RESULTS
 from ._solvers import AbstractSolver
-from ._state import FlatField, State, select
+from ._state import FlatField, State, present, select
 
 # StepRecord, kept_slots and thinned_stride are re-exported for the adjoints.
 from ._step_record import (
@@ -106,7 +106,7 @@ class Attempt(NamedTuple):
     # (vector-field, Jacobian) evaluations of a method of varying cost, or None.
     cost: tuple[Array, Array] | None
     # The method's carry for the next attempt (None if it has none).
-    carry: object = None
+    carry: Any = None
 
 
 def time_spacing(t: Array) -> Array:
@@ -188,7 +188,7 @@ def attempt_step(
     if pair is None:
         stiffness = jnp.full((), jnp.nan, real)
     else:
-        num, den = stiff_sums
+        num, den = present(stiff_sums)  # summed whenever pair is given
         lipschitz = jnp.sqrt(jnp.where(den > 0, num / jnp.where(den > 0, den, 1), 0))
         stiffness = jnp.abs(h).astype(real) * lipschitz
     if carry is not None:
@@ -342,7 +342,7 @@ class _ForwardState(NamedTuple):
     cost: tuple[Array, Array] | None
     # The method's carry (see `AbstractSolver.init_carry`), and a switching
     # solver's numbers of switches and of accepted stiff steps (else None).
-    carry: object
+    carry: Any
     switch_counts: Array | None
     # Only when recording the accepted steps (for CheckpointAdjoint):
     step_starts: State | None
@@ -370,8 +370,8 @@ def first_step(
     config: SolverConfig,
     f: FlatField,
     t0: Array,
-    y0: Array,
-    f0: Array,
+    y0: State,
+    f0: State,
     t_span: Array,
     h0: Array | None = None,
 ) -> tuple[Array, Array]:
@@ -542,10 +542,12 @@ def integrate(
         )
         slots = state.slots
         if dense_output:
+            # Attempts are made with dense=dense_output: each has its interpolant.
+            interpolants = present(attempt.dense)
             slots = tuple(
                 (update(coeffs[0], y),)
                 + tuple(update(c, d) for c, d in zip(coeffs[1:], dense, strict=True))
-                for coeffs, y, dense in zip(slots, state.y, attempt.dense, strict=True)
+                for coeffs, y, dense in zip(slots, state.y, interpolants, strict=True)
             )
         slot_times = update(state.slot_times, jnp.stack([state.t, attempt.h]))
         out_steps = state.out_steps
@@ -559,7 +561,9 @@ def integrate(
 
     def running(state: _ForwardState) -> Array:
         going = (state.t < t_end) & (state.result == RESULTS.successful)
-        return going if event is None else going & ~state.event_hit
+        if event is None:
+            return going
+        return going & ~present(state.event_hit)  # set whenever event is given
 
     def body(state: _ForwardState) -> _ForwardState:
         attempt = attempt_step(
@@ -579,10 +583,13 @@ def integrate(
         )
         hit = None
         if event is not None:
+            # The state holds the event's fields whenever event is given.
+            g, dg = present(state.event_g), present(state.event_dg)
+            retried, event_h = present(state.event_retry), present(state.event_h)
             # A step across which a condition changes sign is not taken: the
             # loop stops before it, and `_event.locate` finds the crossing.
             g_new, dg_new = event_rates(attempt.t_new, attempt.y1, attempt.f1)
-            fired = attempt.accept & crossed(state.event_g, g_new, event.directions)
+            fired = attempt.accept & crossed(g, g_new, event.directions)
             hit = jnp.any(fired)
             accept = attempt.accept & ~hit
             retry = jnp.zeros((), bool)
@@ -595,10 +602,9 @@ def integrate(
                 # differentiated).
                 h_sg = lax.stop_gradient(attempt.h).astype(real)
                 suspect, theta = hidden_crossing(
-                    state.event_g, h_sg * state.event_dg, g_new, h_sg * dg_new,
-                    event.directions,
-                )  # fmt: skip
-                retry = accept & jnp.any(suspect) & ~state.event_retry
+                    g, h_sg * dg, g_new, h_sg * dg_new, event.directions
+                )
+                retry = accept & jnp.any(suspect) & ~retried
                 theta = jnp.min(theta).astype(attempt.h.dtype)
                 accept = accept & ~retry
                 attempt = attempt._replace(
@@ -608,11 +614,11 @@ def integrate(
                 )
             attempt = attempt._replace(accept=accept)
             state = state._replace(
-                event_g=jnp.where(accept, g_new, state.event_g),
-                event_dg=jnp.where(accept, dg_new, state.event_dg),
+                event_g=jnp.where(accept, g_new, g),
+                event_dg=jnp.where(accept, dg_new, dg),
                 event_fired=fired,
                 event_hit=hit,
-                event_h=jnp.where(hit, attempt.h, state.event_h),
+                event_h=jnp.where(hit, attempt.h, event_h),
                 event_retry=retry,
             )
             if attempt.carry is not None:
@@ -632,23 +638,28 @@ def integrate(
             # rewrites them, since k only advances on acceptance.
             k = state.num_accepted
             slot = k
+            stride = present(state.stride)  # record_steps sets the record's fields
             if thinning:  # steps off the stride go to the spare last slot
-                kept = lax.rem(k, state.stride) == 0
-                slot = jnp.where(kept, lax.div(k, state.stride), n_record)
+                kept = lax.rem(k, stride) == 0
+                slot = jnp.where(kept, lax.div(k, stride), n_record)
+            starts = present(state.step_starts)
             state = state._replace(
                 step_starts=tuple(
                     lax.dynamic_update_index_in_dim(buffer, y, slot, 0)
-                    for buffer, y in zip(state.step_starts, state.y, strict=True)
+                    for buffer, y in zip(starts, state.y, strict=True)
                 ),
-                step_times=state.step_times.at[k + 1].set(attempt.t_new),
+                step_times=present(state.step_times).at[k + 1].set(attempt.t_new),
                 step_carries=(
-                    state.step_carries.at[k].set(state.carry) if replayed else None
+                    present(state.step_carries).at[k].set(state.carry)
+                    if replayed
+                    else None
                 ),
             )
         switch_counts = state.switch_counts
         if switching:
-            mode, new_mode = state.carry[0], attempt.carry[0]
-            switch_counts = switch_counts + jnp.stack(
+            # A switching solver carries its mode, and its counts are kept.
+            mode, new_mode = state.carry[0], present(attempt.carry)[0]
+            switch_counts = present(switch_counts) + jnp.stack(
                 [new_mode != mode, accept & (mode == 1)]
             ).astype(jnp.int32)
         return state._replace(
@@ -675,7 +686,11 @@ def integrate(
             cost=(
                 None
                 if state.cost is None
-                else tuple(a + b for a, b in zip(state.cost, attempt.cost, strict=True))
+                # A method of varying cost reports every attempt's.
+                else tuple(
+                    a + b
+                    for a, b in zip(state.cost, present(attempt.cost), strict=True)
+                )
             ),
             carry=attempt.carry,
             switch_counts=switch_counts,
@@ -694,6 +709,12 @@ def integrate(
     slots, slot_times, out_steps = slot_buffers(width)
     n_record = kept_slots(record_slots, config.max_steps)
     thinning = record_steps and n_record < config.max_steps
+    step_carries = None
+    if replayed:  # only with a carry
+        first_carry = present(carry0)
+        step_carries = jnp.zeros(
+            (config.max_steps,) + first_carry.shape, first_carry.dtype
+        )
     init = _ForwardState(
         t=t0,
         y=y0,
@@ -712,11 +733,7 @@ def integrate(
         cost=None if config.solver.fevals_per_step is not None else (zero, zero),
         carry=carry0,
         switch_counts=jnp.zeros(2, jnp.int32) if switching else None,
-        step_carries=(
-            jnp.zeros((config.max_steps,) + carry0.shape, carry0.dtype)
-            if replayed
-            else None
-        ),
+        step_carries=step_carries,
         step_starts=(
             tuple(jnp.zeros((n_record + thinning,) + y.shape, y.dtype) for y in y0)
             if record_steps
@@ -754,19 +771,22 @@ def integrate(
     if event is not None:
         # Outputs after the stopping time hold the state there (see `_event`).
         beyond = jnp.arange(n_out, dtype=jnp.int32) >= final.out_index
-        frozen = (beyond & final.event_hit)[:, None]
+        hit = present(final.event_hit)  # the event's fields are set with one
+        frozen = (beyond & hit)[:, None]
         ys = tuple(
             jnp.where(frozen, y, leaf) for leaf, y in zip(ys, final.y, strict=True)
         )
         stop = EventStop(
-            final.event_hit,
-            final.event_fired,
+            hit,
+            present(final.event_fired),
             final.t,
-            final.event_h,
+            present(final.event_h),
             final.carry if carry0 is not None else None,
         )
     if final.cost is None:
-        step_fevals = final.num_steps * config.solver.fevals_per_step
+        # The cost is counted from the steps when every step costs the same.
+        fevals_per_step = present(config.solver.fevals_per_step)
+        step_fevals = final.num_steps * fevals_per_step
         step_jacobians = final.num_steps * config.solver.jacobians_per_step
     else:
         step_fevals, step_jacobians = final.cost
@@ -785,10 +805,10 @@ def integrate(
         event=stop,
     )
     if record_steps:
-        record = StepRecord(
-            final.step_starts,
-            final.stride,
-            final.step_times,
+        record = StepRecord(  # record_steps sets the record's fields
+            present(final.step_starts),
+            present(final.stride),
+            present(final.step_times),
             final.num_accepted,
             final.step_carries,
         )

@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
 
-S = TypeVar("S", bound=NamedTuple)
+from ._state import State
+
+S = TypeVar("S", bound="LoopState")
+
+
+class LoopState(Protocol):
+    """What `packed_while_loop` needs of a loop state: a NamedTuple (its
+    fields read by name and replaced) with the state `y` and its slope `f0`."""
+
+    @property
+    def y(self) -> State: ...
+
+    @property
+    def f0(self) -> State: ...
+
+    def _asdict(self) -> dict[str, Any]: ...
+
+    def _replace(self: S, **kwargs: Any) -> S: ...
 
 
 def packed_while_loop(cond, body, init: S) -> S:

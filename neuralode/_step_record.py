@@ -3,12 +3,13 @@ every step's times, and the start states of every stride-th step."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Protocol, TypeVar
 
 import jax.numpy as jnp
 from jaxtyping import Array
 
-from ._packed_loop import S, packed_while_loop
+from ._packed_loop import LoopState, packed_while_loop
+from ._state import State
 
 
 class StepRecord(NamedTuple):
@@ -48,15 +49,30 @@ def thinned_stride(slots: int, max_steps: int) -> int:
     return stride
 
 
-def thinning_loop(running, body, init: S, slots: int) -> S:
+class RecordingState(LoopState, Protocol):
+    """A loop state that records its accepted steps (None where it does not)."""
+
+    @property
+    def step_starts(self) -> State | None: ...
+
+    @property
+    def stride(self) -> Array | None: ...
+
+
+R = TypeVar("R", bound=RecordingState)
+
+
+def thinning_loop(running, body, init: R, slots: int) -> R:
     """The step loop, stopping whenever step k = slots·stride is due to be
     kept: then the record keeps every other state and the stride doubles."""
 
-    def outer_body(state: S) -> S:
+    def outer_body(state: R) -> R:
         room = lambda s: running(s) & (s.num_accepted < slots * s.stride)
         state = packed_while_loop(room, body, state)
         full = running(state)
         half = (slots + 1) // 2
+        # A thinning loop records its steps: both are set.
+        assert state.step_starts is not None and state.stride is not None
         starts = tuple(
             jnp.where(full, buffer.at[:half].set(buffer[: 2 * half : 2]), buffer)
             for buffer in state.step_starts
