@@ -31,7 +31,7 @@ from ._event import event_function
 from ._failure import checked
 from ._integrate import LoopOptions, LoopStats, SolverConfig, integrate
 from ._solution import RESULTS
-from ._state import State
+from ._state import State, present
 
 
 class AbstractAdjoint(eqx.Module):
@@ -440,7 +440,8 @@ class BacksolveAdjoint(AbstractAdjoint):
             )  # fmt: skip
             failed_before = stats.result != RESULTS.successful
             keep = lambda old, new: jnp.where(failed_before, old, new)
-            worse = ~failed_before & (drift > stats.drift)
+            drift_max = present(stats.drift)  # the backward stats carry it (stats0)
+            worse = ~failed_before & (drift > drift_max)
             stats = LoopStats(
                 num_steps=stats.num_steps + st.num_steps,
                 num_accepted=stats.num_accepted + st.num_accepted,
@@ -458,7 +459,7 @@ class BacksolveAdjoint(AbstractAdjoint):
                 ),
                 h_last=keep(stats.h_last, st.h_last),
                 stiffness=keep(stats.stiffness, st.stiffness),
-                drift=jnp.where(worse, drift, stats.drift),
+                drift=jnp.where(worse, drift, drift_max),
             )
             h = lax.stop_gradient(jnp.where(st.num_accepted > 0, jnp.abs(st.h_last), h))
             a = tuple(

@@ -3,6 +3,9 @@ cotangents of parameters and output times, and the forward solve's check."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import cast
+
 import equinox as eqx
 import jax
 import jax.lax as lax
@@ -60,9 +63,13 @@ def time_cotangents(problem, params, direction, tau, ys, ys_bar, a0) -> Array:
     not move with τ_0). Chen et al. (2018), appendix B.2.
     """
     fs = jax.vmap(lambda t, y: problem.f_flat(t, y, params, direction))(tau, ys)
-    dots = sum(
-        jnp.sum(jnp.real(jnp.conj(bar) * f), axis=-1)
-        for bar, f in zip(ys_bar, fs, strict=True)
+    # A sum over the state's (one or more) leaves: an array.
+    dots = cast(
+        Array,
+        sum(
+            jnp.sum(jnp.real(jnp.conj(bar) * f), axis=-1)
+            for bar, f in zip(ys_bar, fs, strict=True)
+        ),
     )
     first = -sum(
         jnp.sum(jnp.real(jnp.conj(a) * f[0])) for a, f in zip(a0, fs, strict=True)
@@ -84,7 +91,12 @@ def instantiate(cotangent):
 
 
 def custom_vjp_loop(
-    forward, backward, primal=None, select=None, expand=None, check=None
+    forward: Callable,
+    backward: Callable,
+    primal: Callable | None = None,
+    select: Callable | None = None,
+    expand: Callable | None = None,
+    check: Callable | None = None,
 ):
     """A `custom_vjp` solve of (params_arrays, y0, tau, direction, h0).
 
@@ -145,6 +157,7 @@ def custom_vjp_loop(
     solve.defvjp(fwd, bwd, symbolic_zeros=True)
     if primal is None:
         return solve
+    assert select is not None and expand is not None  # they come with primal
 
     @jax.custom_vjp
     def solve_outputs(params_arrays, y0, tau, direction, h0):

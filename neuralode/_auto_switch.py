@@ -20,7 +20,7 @@ from ._solvers import (
     StepResult,
     Tsit5,
 )
-from ._state import FlatField, State
+from ._state import FlatField, State, present
 
 _NONSTIFF, _STIFF = 0, 1
 _POWER_ITERATIONS = 5
@@ -222,8 +222,9 @@ class AutoSwitch(AbstractSolver):
         def probed():
             result = explicit()
             pair = _power_pair(f, t, y)
-            fevals = result.cost[0] + _POWER_ITERATIONS + 1
-            return result._replace(stiffness_pair=pair, cost=(fevals, result.cost[1]))
+            cost = present(result.cost)  # padded() sets it
+            fevals = cost[0] + _POWER_ITERATIONS + 1
+            return result._replace(stiffness_pair=pair, cost=(fevals, cost[1]))
 
         def implicit():
             result = self.stiff.step(f, t, y, f0, h, dense, tolerances)

@@ -53,7 +53,7 @@ from ._adjoint_common import (
 )
 from ._event import event_function
 from ._integrate import LoopOptions, integrate, tolerances
-from ._state import State, select
+from ._state import State, present, select
 from ._step_record import StepRecord, kept_slots, thinned_stride
 
 
@@ -89,7 +89,8 @@ class _Step(eqx.Module):
         carried = {}
         if self.carries is not None:
             # t is exactly the start time of the step being replayed.
-            k = jnp.searchsorted(self.carry_times, lax.stop_gradient(t))
+            times = present(self.carry_times)  # given with the carries
+            k = jnp.searchsorted(times, lax.stop_gradient(t))
             last = self.carries.shape[0] - 1
             carried = {"carry": self.carries[jnp.minimum(k, last)]}
         result = self.solver.step(
@@ -229,7 +230,9 @@ def _reverse_sweep(state_cotangents: bool) -> Callable:
 
             b_next, vjp = jax.vjp(tangent, _at(ys, k), theta, _span(times, k))
             y_cot, th_cot, span_cot = vjp(_at(adjoints, k))
-            ys_bar_cot = _put(carry.ys_bar_cot, k, b) if state_cotangents else None
+            ys_bar_cot = None
+            if state_cotangents:  # then the sweep carries Ȳ's cotangent
+                ys_bar_cot = _put(present(carry.ys_bar_cot), k, b)
             return _TangentSweep(
                 k=k + 1,
                 b=b_next,
@@ -479,10 +482,14 @@ def _checkpoint_sweep(max_steps: int, longest: int, degree: int) -> Callable:
         )
 
     def fwd(step, kept, theta, kept_bar, outputs_bar, seed, times, fractions, layout):
+        def of_arrays(kept, theta, kept_bar, outputs_bar, seed, times, fractions):
+            return over_all_states(
+                step, kept, theta, kept_bar, outputs_bar, seed, times, fractions, layout
+            )
+
         out, vjp = jax.vjp(
-            lambda *args: over_all_states(step, *args, layout),
-            kept, theta, kept_bar, outputs_bar, seed, times, fractions,
-        )  # fmt: skip
+            of_arrays, kept, theta, kept_bar, outputs_bar, seed, times, fractions
+        )
         return out, (vjp, step, layout)
 
     def bwd(residuals, cotangents):
