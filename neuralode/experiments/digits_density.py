@@ -89,7 +89,7 @@ QUICK = {
     "eval_tol": 1e-3,
     "maf_steps": 3,
     "maf_width": 16,
-    "maf_layers": 2,
+    "maf_layers": 1,
 }
 NUM_SAMPLES = 60  # images in each panel of the sample grid (6 rows of 10)
 
