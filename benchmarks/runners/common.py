@@ -145,6 +145,12 @@ _KEY_PHRASES = (
 def shorten_error(exc: BaseException, limit: int = 160) -> str:
     """The most telling line of an exception message, at most `limit` characters."""
     text = str(exc).strip() or type(exc).__name__
+    # A neuralode failure raised from compiled code: its own message, not the
+    # callback's traceback around it.
+    raised = re.search(r"SolveError: (neuralode: [^\n]*)", text)
+    if raised is not None:
+        chosen = f"SolveError: {raised.group(1)}"
+        return chosen if len(chosen) <= limit else chosen[: limit - 1] + "…"
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     chosen = lines[0] if lines else text
     for line in lines:
