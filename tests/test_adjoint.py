@@ -186,11 +186,15 @@ def test_checkpoint_equals_autodiff_of_unrolled_steps(
         )
         return jnp.sum(ys**2)
 
+    # The solve jitted (eagerly it compiles its loops anyway, more slowly); the
+    # Python loop of small steps eagerly (its ops compile once, cheaply).
     assert np.isclose(
-        float(unrolled(field, y0)), float(via_solve(field, y0)), rtol=1e-12
+        float(unrolled(field, y0)),
+        float(eqx.filter_jit(via_solve)(field, y0)),
+        rtol=1e-12,
     )
     want = eqx.filter_grad(unrolled)(field, y0)
-    got = eqx.filter_grad(via_solve)(field, y0)
+    got = eqx.filter_jit(eqx.filter_grad(via_solve))(field, y0)
     assert tree_allclose(got, want, rtol=1e-10, atol=1e-12)
 
     if isinstance(solver, no.RK4):
