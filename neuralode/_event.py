@@ -70,7 +70,7 @@ class Event(eqx.Module):
     not fire there, nor when it leaves zero; it fires at its next crossing.
     """
 
-    cond: Callable | Sequence[Callable]
+    cond: Callable | tuple[Callable, ...]
     direction: int | tuple[int, ...] = eqx.field(default=0, static=True)
 
     def __init__(self, cond: Callable | Sequence[Callable], direction: Any = 0):

@@ -130,7 +130,9 @@ class Failure(NamedTuple):
 _BLOW_UP_GROWTH = 1e4
 
 
-def _time_resolution_limited(t: float, h: float, time_dtype: str) -> bool:
+def _time_resolution_limited(
+    t: Array | float, h: Array | float, time_dtype: str
+) -> Array | bool:
     spacing = float(np.spacing(np.asarray(abs(t), dtype=time_dtype)))
     return abs(h) <= RESOLVED_SPACINGS * spacing
 

@@ -24,6 +24,7 @@ from ._event import Event
 from ._problem import check_ts
 from ._solution import RESULTS
 from ._solve import solve
+from ._state import present
 
 
 class HybridSolution(eqx.Module):
@@ -123,7 +124,8 @@ def solve_hybrid(
         seg_ts = segment_times(start)
         sol = solve(f, y_start, seg_ts, args, event=event, **solve_kwargs)
         happened = sol.event_happened & going
-        end = jnp.where(happened, sol.event_time, ts[-1])
+        event_time = present(sol.event_time)  # solved with an event
+        end = jnp.where(happened, event_time, ts[-1])
         # Outputs this segment owns: after its start (from ts[0] for the
         # first), up to its end.
         after = (direction * ts > direction * start) | (k == 0)
@@ -135,8 +137,8 @@ def solve_hybrid(
             ys,
             sol.ys,
         )
-        times = times.at[k].set(jnp.where(happened, sol.event_time, jnp.nan))
-        y_next = reset(sol.event_time, sol.event_state, args)
+        times = times.at[k].set(jnp.where(happened, event_time, jnp.nan))
+        y_next = reset(event_time, sol.event_state, args)
         y_next = jax.tree.map(
             lambda new, old: jnp.where(happened, new, old).astype(old.dtype),
             y_next,
@@ -149,7 +151,7 @@ def solve_hybrid(
         result = jnp.where(
             (result == RESULTS.successful) & going, sol.result, result
         ).astype(result.dtype)
-        start = jnp.where(happened, sol.event_time, ts[-1])
+        start = jnp.where(happened, event_time, ts[-1])
         carry = (
             start, y_next, ys, times, count + happened.astype(jnp.int32), stats,
             result, happened,

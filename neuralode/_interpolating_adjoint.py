@@ -72,7 +72,7 @@ from ._integrate import (
     tolerances,
 )
 from ._solution import RESULTS
-from ._state import State
+from ._state import State, present
 from ._step_record import StepRecord, kept_slots, thinned_stride
 
 #: The phase named in the message of a failed adjoint solve.
@@ -270,7 +270,7 @@ class InterpolatingAdjoint(AbstractAdjoint):
         options = LoopOptions(record_steps=True, record_slots=self.checkpoints)
         event = event_function(problem, params, direction)
         ys, stats, record = integrate(config, f, y0, tau, h0, options, event)
-        return (ys, record), stats
+        return (ys, present(record)), stats  # recorded: record_steps=True
 
     def backward_pass_stats(
         self, config, problem, params, direction, tau, y0, cotangent
@@ -374,13 +374,18 @@ class InterpolatingAdjoint(AbstractAdjoint):
                     tolerances=tolerances(config), **carried,
                 )  # fmt: skip
                 put = lambda b, v: lax.dynamic_update_index_in_dim(b, v, i, 0)
-                cost = solver.fevals_per_step if step.cost is None else step.cost[0]
+                # A step reports its cost where it varies, else it is fixed.
+                cost = (
+                    present(solver.fevals_per_step)
+                    if step.cost is None
+                    else step.cost[0]
+                )
                 return _Recompute(
                     i + 1,
                     step.y1,
                     step.f1,
                     tuple(map(put, ys_w, y)),
-                    tuple(map(put, coeffs_w, step.dense)),
+                    tuple(map(put, coeffs_w, present(step.dense))),  # dense=True
                     (fevals + cost).astype(jnp.int32),
                 )
 
@@ -518,7 +523,8 @@ def _add_stats(total: LoopStats, new: LoopStats, origin: Array) -> LoopStats:
         num_steps=total.num_steps + new.num_steps,
         num_accepted=total.num_accepted + new.num_accepted,
         num_fevals=total.num_fevals + new.num_fevals,
-        num_jacobians=total.num_jacobians + new.num_jacobians,
+        # Every loop counts them (`integrate`, and the zero stats to start from).
+        num_jacobians=present(total.num_jacobians) + present(new.num_jacobians),
         result=keep(total.result, new.result),
         t_reached=keep(total.t_reached, new.t_reached - origin),
         h_last=keep(total.h_last, new.h_last),

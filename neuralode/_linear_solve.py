@@ -123,10 +123,9 @@ def shifted_system(
     h_gamma = h_gamma.astype(dtype)
     n = x0.size
     if is_dense(method, y):
-        if jacobian is None:
-            jacobian = jax.jacfwd(flat)(x0)
-        matrix = jnp.eye(n, dtype=dtype) - h_gamma * jacobian
-        return ShiftedSystem(y, dtype, jsl.lu_factor(matrix), None, tol), jacobian
+        dense: Array = jax.jacfwd(flat)(x0) if jacobian is None else jacobian
+        matrix = jnp.eye(n, dtype=dtype) - h_gamma * dense
+        return ShiftedSystem(y, dtype, jsl.lu_factor(matrix), None, tol), dense
     _, jvp = jax.linearize(flat, x0)
     matvec = lambda v: v - h_gamma * jvp(v)
     return ShiftedSystem(y, dtype, None, matvec, tol), None

@@ -228,7 +228,7 @@ def flattener(y0: PyTree) -> tuple[Callable, Callable]:
         _, unravel = ravel_pytree(y0)
         return (lambda tree: ravel_pytree(tree)[0]), unravel
     (b,) = batch
-    if b < 2:
+    if b is None or b < 2:  # (b is not None here: excluded above)
         _, unravel = ravel_pytree(y0)
         return (lambda tree: ravel_pytree(tree)[0]), unravel
     shapes = [jnp.shape(leaf) for leaf in leaves]
@@ -239,7 +239,7 @@ def flattener(y0: PyTree) -> tuple[Callable, Callable]:
         rows = [jnp.reshape(leaf, (b, -1)) for leaf in jax.tree.leaves(tree)]
         return jnp.concatenate(rows, axis=1).reshape(-1).astype(dtype)
 
-    def unravel(flat: Array) -> PyTree:
+    def unravel_rows(flat: Array) -> PyTree:
         rows = jnp.reshape(flat, (b, -1))
         out, start = [], 0
         for shape, width in zip(shapes, widths, strict=True):
@@ -247,7 +247,7 @@ def flattener(y0: PyTree) -> tuple[Callable, Callable]:
             start += width
         return jax.tree.unflatten(treedef, out)
 
-    return ravel, unravel
+    return ravel, unravel_rows
 
 
 def _split_field(f: Callable) -> tuple[PyTree, Callable]:

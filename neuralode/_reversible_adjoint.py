@@ -56,7 +56,7 @@ from ._failure import SolveError, solve_error_from, tie
 from ._integrate import LoopOptions, SolverConfig, integrate
 from ._solution import RESULTS
 from ._solvers import AbstractExplicitRungeKutta, AbstractSolver, StepResult
-from ._state import FlatField, State
+from ._state import FlatField, State, present
 
 _EXPLICIT = "Dopri5, Tsit5, Bosh3, Fehlberg45, Euler, Midpoint or RK4"
 
@@ -131,9 +131,10 @@ class ReversibleStep(AbstractSolver):
         zeros = tuple(jnp.zeros_like(leaf) for leaf in z_n)
         coeffs = None
         if dense:
+            ahead_dense = present(ahead.dense)  # stepped with dense=True
             coeffs = tuple(
                 c.at[0].add((lam - 1) * (a - b))
-                for c, a, b in zip(ahead.dense, y_n, z_n, strict=True)
+                for c, a, b in zip(ahead_dense, y_n, z_n, strict=True)
             )
             coeffs = coeffs + coeffs
         return StepResult((*y1, *z1), (*ahead.y_error, *zeros), (*f_y1, *f_z1), coeffs)
@@ -695,7 +696,9 @@ class ReversibleAdjoint(AbstractAdjoint):
             return _refused_if_lost(config, cotangents, result)
 
         def expand(record, tau, ys_bar):
-            return ReversibleRecord(ys_bar, None, None, None, None)
+            # A cotangent of the record: None is JAX's zero cotangent of the
+            # parts nothing differentiates, which the fields' types do not admit.
+            return ReversibleRecord(ys_bar, None, None, None, None)  # pyright: ignore[reportArgumentType]
 
         solve = custom_vjp_loop(
             forward,

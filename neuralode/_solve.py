@@ -28,6 +28,7 @@ from ._problem import (
 )
 from ._solution import RESULTS, Solution
 from ._solvers import AbstractSolver, Dopri5
+from ._state import present
 
 
 def solve(
@@ -93,9 +94,8 @@ def solve(
     located = None
     if event is not None:
         direction, tau = direction_and_tau(ts)
-        located = locate(
-            config, problem, params, direction, tau, (ys_flat,), stats.event
-        )
+        stop = present(stats.event)  # set: the loop ran with the event
+        located = locate(config, problem, params, direction, tau, (ys_flat,), stop)
         (ys_flat,) = located.ys
     if ts_ok is not None:
         # Bad traced ts: NaN outputs (and gradients) and their own code.
@@ -122,7 +122,7 @@ def solve(
         return Solution(
             ts=ts_given, ys=ys, stats=_stats_dict(stats), result=stats.result
         )
-    hit = stats.event.hit
+    hit = present(stats.event).hit  # located: the loop ran with an event
     counts = _stats_dict(stats)
     counts["num_accepted"] = counts["num_accepted"] + hit.astype(jnp.int32)
     counts["num_rejected"] = counts["num_steps"] - counts["num_accepted"]
@@ -183,7 +183,7 @@ def _stats_dict(stats: LoopStats) -> dict[str, Array]:
         "num_accepted": stats.num_accepted,
         "num_rejected": stats.num_steps - stats.num_accepted,
         "num_fevals": stats.num_fevals,
-        "num_jacobians": stats.num_jacobians,
+        "num_jacobians": present(stats.num_jacobians),  # every loop counts them
         **(
             {}
             if stats.switch_counts is None

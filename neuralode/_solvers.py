@@ -12,7 +12,7 @@ from jaxtyping import Array
 
 from . import _interpolation as interp, _tableaus as tableaus
 from ._linear_solve import LinearSolver
-from ._state import FlatField, State
+from ._state import FlatField, State, present
 from ._tableaus import ButcherTableau
 
 
@@ -234,8 +234,8 @@ class AbstractExplicitRungeKutta(AbstractSolver):
     @property
     def dense_degree(self) -> int:
         """The number of coefficient vectors of the step's interpolant."""
-        if self.interpolation == "polynomial":
-            return self.tableau.dense.shape[1]
+        if self.interpolation == "polynomial":  # its tableau has a dense matrix
+            return present(self.tableau.dense).shape[1]
         return 3 if self.interpolation == "hermite" else 1
 
     @property
@@ -267,7 +267,7 @@ class AbstractExplicitRungeKutta(AbstractSolver):
         for i, leaf in enumerate(y):
             if self.interpolation == "polynomial":
                 coeffs = interp.polynomial_coefficients(
-                    self.tableau.dense, [k[i] for k in stages], h_y
+                    present(self.tableau.dense), [k[i] for k in stages], h_y
                 )
             elif self.interpolation == "hermite":
                 coeffs = interp.hermite_coefficients(leaf, y1[i], f0[i], f1[i], h_y)

@@ -23,7 +23,8 @@ def data_mesh(
     num_devices: int | None = None,
     axis: str = "batch",
     *,
-    devices: Sequence[jax.Device] | None = None,
+    # jax.Device is a compiled class that pyright sees only as a variable.
+    devices: Sequence[jax.Device] | None = None,  # pyright: ignore[reportInvalidTypeForm]
 ) -> Mesh:
     """A one-dimensional device mesh for data parallelism.
 
@@ -238,8 +239,8 @@ def sharded_vmap(
     `eqx.filter_jit`).
     """
     axis = _axis_name(mesh, axis)
-    out_axes = _check_axis(out_axes, "out_axes")
-    if out_axes is None:
+    out_axis = _check_axis(out_axes, "out_axes")
+    if out_axis is None:
         raise ValueError("neuralode.parallel.sharded_vmap: out_axes cannot be None")
 
     @ft.wraps(fn)
@@ -264,13 +265,13 @@ def sharded_vmap(
             def one(*dynamic_one):
                 return fn(*eqx.combine(dynamic_one, static))
 
-            return jax.vmap(one, in_axes=axes, out_axes=out_axes)(*dynamic_args)
+            return jax.vmap(one, in_axes=axes, out_axes=out_axis)(*dynamic_args)
 
         return jax.shard_map(
             local,
             mesh=mesh,
             in_specs=in_specs,
-            out_specs=_spec(out_axes, axis),
+            out_specs=_spec(out_axis, axis),
             check_vma=False,
         )(*dynamic)
 
