@@ -24,6 +24,8 @@ from neuralode.experiments import EXPERIMENTS, Run, digits
 from neuralode.experiments._checkpoint import initial_state, save_checkpoint
 from neuralode.experiments._output import write_json
 
+from .conftest import FAST_COMPILE
+
 
 def _main(argv: list[str]) -> dict:
     # optax's Adam mixes weak-typed scalars that strict promotion rejects.
@@ -149,6 +151,7 @@ def test_digits_quick_then_resume_on_four_devices(tmp_path):
     # The console entry point in a fresh process: continue to step 7, with the
     # batch split over four (virtual CPU) devices.
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["XLA_FLAGS"] = FAST_COMPILE
     argv = ["--resume", str(tmp_path), "--steps", "7", "--devices", "4"]
     cmd = [sys.executable, "-m", "neuralode", "digits", *argv, "--no-progress"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)

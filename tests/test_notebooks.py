@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import FAST_COMPILE
+
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
@@ -23,8 +25,8 @@ def run_notebook(path: Path, small: bool, timeout: int, monkeypatch) -> None:
         monkeypatch.delenv("NEURALODE_SMALL", raising=False)
     monkeypatch.setenv("MPLBACKEND", "Agg")
     # The kernel is a fresh process: no strict dtype promotion, no x64 unless
-    # the notebook turns it on.
-    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    # the notebook turns it on; no XLA flags but the tests' fast compilation.
+    monkeypatch.setenv("XLA_FLAGS", FAST_COMPILE)
     notebook = nbformat.read(path, as_version=4)
     # A last cell checks that the kernel ran in the intended mode.
     notebook.cells.append(nbformat.v4.new_code_cell(f"assert SMALL is {small}, SMALL"))

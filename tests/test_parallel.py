@@ -20,6 +20,8 @@ import pytest
 
 import neuralode.parallel as npar
 
+from .conftest import FAST_COMPILE
+
 _CHILD = r"""
 import json, os, sys
 
@@ -172,7 +174,7 @@ _WARNING = "Involuntary full rematerialization"
 
 def _start(num_devices: int) -> subprocess.Popen:
     env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = FAST_COMPILE
     return subprocess.Popen(
         [sys.executable, "-c", _CHILD, str(num_devices)],
         stdout=subprocess.PIPE,
