@@ -110,6 +110,19 @@ grads = eqx.filter_jit(eqx.filter_grad(ckpt_loss))(field, y0)
 out["grad_checkpoint"] = arrays(grads)
 out["grad_checkpoint_replicated"] = replicated(grads)
 
+# 3b. The reversible and interpolating adjoints on the sharded batch as one ODE
+# (shared step size), parameters replicated.
+for name, adjoint in (
+    ("reversible", no.ReversibleAdjoint()),
+    ("interpolating", no.InterpolatingAdjoint()),
+):
+    loss = lambda f, y, adjoint=adjoint: jnp.mean(
+        (no.odeint(f, y, ts, adjoint=adjoint)[-1] - target) ** 2
+    )
+    grads = eqx.filter_jit(eqx.filter_grad(loss))(field, y0)
+    out["grad_" + name] = arrays(grads)
+    out["grad_" + name + "_replicated"] = replicated(grads)
+
 # 4. One optax step of a NeuralODE with BacksolveAdjoint (shared step size).
 model = npar.replicate(
     no.NeuralODE(field, adjoint=no.BacksolveAdjoint(), rtol=1e-8, atol=1e-10), mesh
@@ -233,6 +246,10 @@ def test_sharded_gradients_equal_unsharded(runs):
     _close(four["grad_checkpoint"], one["grad_checkpoint"])
     _close(four["grad_backsolve"], one["grad_backsolve"])
     assert four["grad_checkpoint_replicated"] and four["train_grads_replicated"]
+    for name in ("reversible", "interpolating"):
+        _close(four["grad_" + name], one["grad_" + name])
+        _close(one["grad_" + name], one["grad_checkpoint"], rtol=1e-4, atol=1e-7)
+        assert four["grad_" + name + "_replicated"]
     assert max(np.max(np.abs(g)) for g in one["grad_backsolve"]) > 1e-3
 
 
