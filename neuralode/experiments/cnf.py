@@ -185,7 +185,9 @@ def _flow_fevals(flow: no.CNF, z0: Array) -> tuple[Array, Array]:
     ts = jnp.asarray([flow.t0, flow.t1], DTYPE)
     kw: dict[str, Any] = dict(solver=flow.solver, rtol=flow.rtol, atol=flow.atol)
     fwd = no.solve(flow.field, z0, ts, **kw).stats["num_fevals"]
-    bwd = no.backward_stats(flow.field, z0, ts, adjoint=flow.adjoint, **kw)
+    adjoint = flow.adjoint  # the experiment's flows use the default backsolve
+    assert isinstance(adjoint, no.BacksolveAdjoint | no.InterpolatingAdjoint)
+    bwd = no.backward_stats(flow.field, z0, ts, adjoint=adjoint, **kw)
     return fwd, bwd["num_fevals"]
 
 

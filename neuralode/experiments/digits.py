@@ -150,6 +150,8 @@ def _backward_fevals(model: ODENet, x: Array, y: Array) -> Array:
     """Function evaluations of the adjoint solve for the batch loss."""
     h0 = model.encode(x)
     ts = jnp.asarray([model.ode.t0, model.ode.t1], h0.dtype)
+    adjoint = model.ode.adjoint  # the ODE-Net uses the default backsolve
+    assert isinstance(adjoint, no.BacksolveAdjoint | no.InterpolatingAdjoint)
     stats = no.backward_stats(
         model.ode.field,
         h0,
@@ -158,7 +160,7 @@ def _backward_fevals(model: ODENet, x: Array, y: Array) -> Array:
         solver=model.ode.solver,
         rtol=model.ode.rtol,
         atol=model.ode.atol,
-        adjoint=model.ode.adjoint,
+        adjoint=adjoint,
     )
     return stats["num_fevals"]
 

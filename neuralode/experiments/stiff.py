@@ -353,7 +353,7 @@ def _rate_metrics(
     and the distance from the truth in log10 space before and after."""
     out: dict[str, float] = {}
     for i, name in enumerate(RATE_NAMES):
-        out[f"{name}_true"] = float(ROBERTSON.args[i])
+        out[f"{name}_true"] = float(np.asarray(ROBERTSON.args)[i])
         out[f"{name}_initial"] = float(10.0 ** initial[i])
         out[f"{name}_fitted"] = float(10.0 ** fitted[i])
         out[f"{name}_relative_error"] = float(10.0 ** (fitted[i] - truth[i]) - 1)
@@ -389,7 +389,7 @@ def _explicit_attempt(
     return {
         "dopri5_max_steps": EXPLICIT_MAX_STEPS,
         "dopri5_result": int(sol.result),
-        "dopri5_message": no.RESULTS.message(sol.result),
+        "dopri5_message": no.RESULTS.message(int(sol.result)),
         "dopri5_num_steps": int(sol.stats["num_steps"]),
         "dopri5_num_fevals": int(sol.stats["num_fevals"]),
         "dopri5_last_output_time": float(np.asarray(data.ts)[finite][-1]),
