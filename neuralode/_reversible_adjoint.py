@@ -214,7 +214,13 @@ class GapScale(NamedTuple):
 
 
 def _rms(x: State) -> Array:
-    return jnp.sqrt(sum(jnp.sum(jnp.abs(a) ** 2) for a in x) / sum(a.size for a in x))
+    """RMS norm of x over all leaves (`_weighted_rms` in absolute units)."""
+    return _weighted_rms(x, x, 0.0, 1.0)
+
+
+def _last(leaves: State) -> State:
+    """The last output of each leaf."""
+    return tuple(leaf[-1] for leaf in leaves)
 
 
 def _gap(y: State, z: State, units: GapScale) -> Array:
@@ -396,8 +402,7 @@ def flag_unstable(ys: State, stats, m: int, tolerances: GapScale):
     (y..., z...): where the final gap exceeds `MAX_GAP` (and the solve had
     not failed otherwise) the result becomes `RESULTS.reversible_unstable`,
     `stats.drift` the gap, and every output NaN."""
-    last = lambda leaves: tuple(leaf[-1] for leaf in leaves)
-    gap = lax.stop_gradient(_gap(last(ys[:m]), last(ys[m:]), tolerances))
+    gap = lax.stop_gradient(_gap(_last(ys[:m]), _last(ys[m:]), tolerances))
     unstable = (stats.result == RESULTS.successful) & ~(gap <= MAX_GAP)
     result = jnp.where(unstable, RESULTS.reversible_unstable, stats.result)
     stats = stats._replace(result=result.astype(stats.result.dtype), drift=gap)
@@ -592,11 +597,10 @@ class ReversibleAdjoint(AbstractAdjoint):
         ys, stats, record = self.solve_pair(
             config, problem, params, direction, y0, tau, h0, record=True
         )
-        last = lambda leaves: tuple(leaf[-1] for leaf in leaves)
         ys_y, stats = flag_unstable(ys, stats, m, gap_tolerances(config))
         assert record is not None  # record=True
         kept = ReversibleRecord(
-            ys_y, last(ys[:m]), last(ys[m:]), record.times, record.count
+            ys_y, _last(ys[:m]), _last(ys[m:]), record.times, record.count
         )
         return kept, stats
 
